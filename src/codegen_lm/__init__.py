@@ -1,0 +1,16 @@
+"""codegen-lm: run, evaluate and train Salesforce CodeGen models in plain PyTorch."""
+
+from .config import RELEASED_CHECKPOINTS, CodeGenConfig
+from .model import CodeGenForCausalLM, CodeGenModel
+from .tokenizer import CodeGenTokenizer, CodeGenTokenizerFast
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RELEASED_CHECKPOINTS",
+    "CodeGenConfig",
+    "CodeGenForCausalLM",
+    "CodeGenModel",
+    "CodeGenTokenizer",
+    "CodeGenTokenizerFast",
+]

@@ -1,0 +1,69 @@
+"""`codegen-lm info`: what a checkpoint is (shape, parameters, dtype, bytes) without loading it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from .common import CliError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="describe a checkpoint", description="Describe a checkpoint without loading it.")
+    p.add_argument("model", metavar="MODEL", help="checkpoint folder or hub name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run)
+
+
+def describe(name: str) -> dict[str, object]:
+    from ..checkpoint import CheckpointError, describe_weights, find_weight_files, resolve_model_dir
+    from ..config import RELEASED_CHECKPOINTS, CodeGenConfig
+    from ..hub import ModelNotFoundError
+    from ..model import CodeGenForCausalLM
+
+    try:
+        try:
+            folder = resolve_model_dir(name)
+        except ModelNotFoundError:
+            if name not in RELEASED_CHECKPOINTS:
+                raise
+            folder = None
+        config = CodeGenConfig.from_pretrained(folder or name)
+        with torch.device("meta"):
+            expected = CodeGenForCausalLM(config).num_parameters()
+        out: dict[str, object] = {"model": name, "folder": str(folder) if folder else None}
+        out["config"] = {k: config.to_dict()[k] for k in (
+            "n_layer", "n_embd", "n_head", "rotary_dim", "n_inner", "vocab_size", "n_positions",
+            "activation_function", "eos_token_id", "bos_token_id", "tie_word_embeddings")}
+        out["head_dim"] = config.head_dim
+        out["parameters"] = expected
+        if folder is None:
+            out["weights"] = "not available locally (counts come from the released config)"
+            out["dtype"] = config.torch_dtype
+            out["bytes"] = expected * 2
+        else:
+            weights = describe_weights(find_weight_files(folder))
+            out.update(files=weights["files"], parameters=weights["parameters"], bytes=weights["bytes"],
+                       dtype=", ".join(weights["dtypes"]))
+    except (CheckpointError, ModelNotFoundError, FileNotFoundError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    info = describe(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    width = max(len(k) for k in [*info, *info["config"]])
+    for key, value in info.items():
+        if key == "config":
+            for k, v in value.items():
+                print(f"{k:<{width}}  {v}")
+        elif key in ("parameters", "bytes"):
+            print(f"{key:<{width}}  {value:,}" + (f"  ({value / 1e9:.2f} GB)" if key == "bytes" else ""))
+        elif value is not None:
+            print(f"{key:<{width}}  {value if not isinstance(value, list) else ', '.join(value)}")
+    return 0

@@ -1,0 +1,406 @@
+"""The CodeGen network (GPT-J family): rotary attention and an MLP side by side under one LayerNorm.
+
+Internal weight layout differs from the released checkpoints in one place, the fused q/k/v
+projection: checkpoints store it as 4 blocks of (query, value, key) with interleaved rotary pairs;
+we keep [query; key; value] with the rotary dimensions of every head de-interleaved (even dims first,
+then odd dims), so a split is a view and rotary is two half-width multiplies. `checkpoint.py`
+converts once at load and back at save; the maths is the same (q.k is unchanged when q and k are
+permuted alike).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import CodeGenConfig
+from .kv_cache import KVCache
+
+
+@dataclass
+class _Output:
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, str):
+            return getattr(self, key)
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)[key]
+
+
+@dataclass
+class BaseModelOutput(_Output):
+    last_hidden_state: torch.Tensor
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CausalLMOutput(_Output):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: KVCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def rotary_table(n_positions: int, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of pos * 10000^(-2i/rotary_dim), `[n_positions, rotary_dim // 2]`, in fp32."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64) / rotary_dim))
+    angles = torch.arange(n_positions, dtype=torch.int64).float()[:, None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first 2*cos.shape[-1] dims of each head of `x` [B, T, H, D], in fp32.
+
+    With the de-interleaved layout the pair (2i, 2i+1) of the original lives at (i, r/2 + i).
+    """
+    r = 2 * cos.shape[-1]
+    x1, x2 = x[..., : r // 2].float(), x[..., r // 2 : r].float()
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    return torch.cat((rotated, x[..., r:]), dim=-1) if r < x.shape[-1] else rotated
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, dropout: float
+) -> torch.Tensor:
+    """Scaled dot-product attention over [B, H, T, D]; half-precision models get fp32 scores and
+    softmax (as the reference implementation computes them), fp32 models the fused kernel."""
+    scale = q.shape[-1] ** -0.5
+    if q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=scale)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
+    if mask is not None:
+        scores = scores + mask
+    probs = F.dropout(scores.softmax(dim=-1).to(v.dtype), dropout)
+    return torch.matmul(probs, v)
+
+
+def causal_mask(
+    query_len: int, key_len: int, device: torch.device, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Additive fp32 mask [B or 1, 1, query_len, key_len]: 0 where a query may attend, a very large
+    negative number elsewhere (not -inf, so that a fully masked padding row stays finite)."""
+    query_pos = torch.arange(key_len - query_len, key_len, device=device)[:, None]
+    allowed = torch.arange(key_len, device=device)[None, :] <= query_pos
+    if attention_mask is not None:
+        allowed = allowed[None, None] & attention_mask[:, None, None, :].bool()
+    else:
+        allowed = allowed[None, None]
+    return torch.zeros(allowed.shape, device=device).masked_fill_(~allowed, torch.finfo(torch.float32).min)
+
+
+_ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+class CodeGenAttention(nn.Module):
+    def __init__(self, config: CodeGenConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.dropout = config.attn_pdrop
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # [q; k; v], see module doc
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        causal: bool,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, E = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
+        q = apply_rotary(q, cos, sin).transpose(1, 2)
+        k = apply_rotary(k, cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        y = attention(q, k, v, mask, causal, self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, E))
+
+
+class CodeGenMLP(nn.Module):
+    def __init__(self, config: CodeGenConfig) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(config.n_embd, config.inner_dim)
+        self.fc_out = nn.Linear(config.inner_dim, config.n_embd)
+        self.act = _ACTIVATIONS[config.activation_function]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class CodeGenBlock(nn.Module):
+    """x + attn(ln(x)) + mlp(ln(x)): one LayerNorm feeds both branches, which run in parallel."""
+
+    def __init__(self, config: CodeGenConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CodeGenAttention(config, layer_idx)
+        self.mlp = CodeGenMLP(config)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: torch.Tensor, cos, sin, mask, causal, cache) -> torch.Tensor:  # noqa: ANN001
+        h = self.ln_1(x)
+        attn = self.resid_dropout(self.attn(h, cos, sin, mask, causal, cache))
+        return attn + self.resid_dropout(self.mlp(h)) + x
+
+
+class CodeGenPreTrainedModel(nn.Module):
+    """Loading, saving, initialisation and generation shared by both model classes."""
+
+    def __init__(self, config: CodeGenConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.name_or_path: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def tie_weights(self) -> None:
+        """Share lm_head.weight with the embedding when the config asks for it."""
+        if self.config.tie_word_embeddings and hasattr(self, "lm_head"):
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def init_weights(self) -> None:
+        """The reference initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_config(
+        cls, config: CodeGenConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    ) -> CodeGenPreTrainedModel:
+        """A randomly initialised model, built without first running PyTorch's default init."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to(dtype=dtype).to_empty(device=device)
+        model.tie_weights()
+        model.init_weights()
+        model.reset_rotary()
+        return model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        strict: bool = True,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> CodeGenPreTrainedModel:
+        """Load a checkpoint folder or hub repository (offline: the local hub cache).
+
+        dtype: None = fp32 on CPU and the checkpoint's dtype on GPU; "auto" = the checkpoint's dtype.
+        """
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, strict=strict,
+                               revision=revision, cache_dir=cache_dir)
+
+    def save_pretrained(self, folder: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
+        """Write config.json and HF-layout safetensors that `transformers` loads as well."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, folder, max_shard_size=max_shard_size)
+
+
+class CodeGenModel(CodeGenPreTrainedModel):
+    """Embeddings, blocks and the final LayerNorm: returns the final hidden states."""
+
+    def __init__(self, config: CodeGenConfig) -> None:
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(CodeGenBlock(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.reset_rotary()
+        if self.wte.weight.device.type != "meta":
+            self.init_weights()
+
+    def reset_rotary(self) -> None:
+        """(Re)compute the rotary tables, which are not stored in checkpoints."""
+        device = self.wte.weight.device
+        cos, sin = rotary_table(self.config.n_positions, self.config.rotary_dims)
+        self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def new_cache(self, batch: int, capacity: int, grow: bool = False) -> KVCache:
+        cfg = self.config
+        return KVCache(cfg.n_layer, batch, cfg.n_head, cfg.head_dim, capacity, self.wte.weight.dtype,
+                       self.wte.weight.device, max_capacity=cfg.n_positions if grow else None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+    ) -> BaseModelOutput:
+        """Hidden states of `input_ids` [B, T] given `past_key_values` for the tokens before them.
+
+        attention_mask covers past and new tokens ([B, past + T]); left padding is masked out and,
+        when position_ids is None, real positions are counted from the mask.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            x = self.wte(_check_ids(input_ids, self.config.vocab_size, "input_ids"))
+        else:
+            x = inputs_embeds
+        B, T = x.shape[:2]
+        if T == 0:
+            raise ValueError("input_ids has no tokens (shape [B, 0])")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache(B, T, grow=True)
+        past = cache.length if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds the model's context of {self.config.n_positions} positions"
+            )
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"past_key_values hold {cache.batch_size} rows but the input has {B}")
+            cache.reserve(T)
+        if attention_mask is not None:
+            if attention_mask.shape != (B, past + T):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(B, past + T)} "
+                    "(past and new tokens)"
+                )
+            if bool(attention_mask.all()):
+                attention_mask = None
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=x.device)[None]
+        if token_type_ids is not None:
+            x = x + self.wte(_check_ids(token_type_ids, self.config.vocab_size, "token_type_ids"))
+        x = self.drop(x)
+
+        cos = self.rope_cos[position_ids].unsqueeze(2)  # [B or 1, T, 1, rotary/2]
+        sin = self.rope_sin[position_ids].unsqueeze(2)
+        causal = attention_mask is None and past == 0 and T > 1
+        mask = None
+        if attention_mask is not None or (past > 0 and T > 1):
+            mask = causal_mask(T, past + T, x.device, attention_mask)
+
+        hidden_states = [] if output_hidden_states else None
+        for block in self.h:
+            if hidden_states is not None:
+                hidden_states.append(x)
+            x = block(x, cos, sin, mask, causal, cache)
+        x = self.ln_f(x)
+        if hidden_states is not None:
+            hidden_states.append(x)
+        if cache is not None:
+            cache.advance(T)
+        return BaseModelOutput(x, cache, tuple(hidden_states) if hidden_states is not None else None)
+
+
+class CodeGenForCausalLM(CodeGenPreTrainedModel):
+    """CodeGenModel plus the (untied, biased) language-model head."""
+
+    def __init__(self, config: CodeGenConfig) -> None:
+        super().__init__(config)
+        self.transformer = CodeGenModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        if self.lm_head.weight.device.type != "meta":
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=config.initializer_range)
+            nn.init.zeros_(self.lm_head.bias)
+        self.tie_weights()
+
+    def reset_rotary(self) -> None:
+        self.transformer.reset_rotary()
+
+    def new_cache(self, batch: int, capacity: int, grow: bool = False) -> KVCache:
+        return self.transformer.new_cache(batch, capacity, grow)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool = False,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutput:
+        """Logits (of the last `logits_to_keep` positions, all when 0) and, with labels, the mean
+        next-token cross-entropy (labels are shifted here; -100 is ignored)."""
+        out = self.transformer(input_ids, attention_mask, position_ids, past_key_values, token_type_ids,
+                               inputs_embeds, use_cache, output_hidden_states)
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels have shape {tuple(labels.shape)}; expected {tuple(logits.shape[:2])}")
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        """Continue `input_ids` ([B, T], left-padded with an attention_mask): see `generation.generate`."""
+        from .generation import generate
+
+        return generate(self, input_ids, **kwargs)
+
+
+def _check_ids(ids: torch.Tensor, vocab_size: int, name: str) -> torch.Tensor:
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor, got {ids.dtype}")
+    if ids.dim() != 2:
+        raise ValueError(f"{name} must have shape [batch, tokens], got {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)][0].item()
+        raise ValueError(f"{name} contains token id {bad}, outside the vocabulary of {vocab_size}")
+    return ids

@@ -1,0 +1,133 @@
+"""Fixtures: random checkpoints saved by `transformers` (every parameter randomised) and the real
+CodeGen tokenizer files laid out as on the hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from codegen_lm.tokenizer.vocab import ASSETS
+
+transformers.logging.set_verbosity_error()
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# Shapes the parity tests run on: head_dim > rotary_dim, rotary over the whole head, heads that
+# straddle the 4 "mp_num" blocks of the fused projection, a non-default n_inner and activation.
+SMALL_SHAPES = {
+    "rotary-part": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
+    "rotary-full": dict(n_embd=64, n_layer=2, n_head=8, rotary_dim=8),
+    "straddle": dict(n_embd=96, n_layer=3, n_head=6, rotary_dim=4, n_inner=200),
+    "erf-gelu": dict(n_embd=32, n_layer=1, n_head=2, rotary_dim=16, activation_function="gelu"),
+}
+
+
+def hf_config(**overrides) -> transformers.CodeGenConfig:
+    kwargs = dict(vocab_size=51200, n_positions=256, n_ctx=256, bos_token_id=1, eos_token_id=50256,
+                  tie_word_embeddings=False)
+    kwargs.update(overrides)
+    return transformers.CodeGenConfig(**kwargs)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, scale: float = 0.1) -> torch.nn.Module:
+    """Give every parameter random values: LayerNorm weights near 1, everything else around 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if ".ln" in name and name.endswith(".weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(scale * noise)
+    return model
+
+
+def make_hf_model(seed: int = 0, **shape) -> transformers.CodeGenForCausalLM:
+    torch.manual_seed(seed)
+    model = transformers.CodeGenForCausalLM(hf_config(**shape))
+    return randomize(model, seed).eval()
+
+
+def load_hf(folder: Path, dtype: torch.dtype = torch.float32) -> transformers.CodeGenForCausalLM:
+    return transformers.CodeGenForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=dtype).eval()
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    """The real vocabulary, laid out as the hub's CodeGen repositories have it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+        shutil.copy(ASSETS / name, folder / name)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "unk_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+        "add_prefix_space": False, "model_max_length": 2048, "tokenizer_class": "CodeGenTokenizer"}))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tokenizer")
+    write_tokenizer_files(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tokenizer_dir):
+    return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="session", params=list(SMALL_SHAPES))
+def small_checkpoint(request, tmp_path_factory) -> tuple[Path, str]:
+    """(folder, shape name): a random model saved by transformers as safetensors, with tokenizer."""
+    folder = tmp_path_factory.mktemp(f"ckpt-{request.param}")
+    make_hf_model(seed=len(request.param), **SMALL_SHAPES[request.param]).save_pretrained(folder)
+    write_tokenizer_files(folder)
+    return folder, request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """One small random checkpoint (safetensors + tokenizer files) for tests that need just one."""
+    folder = tmp_path_factory.mktemp("ckpt-tiny")
+    make_hf_model(seed=7, **SMALL_SHAPES["rotary-part"]).save_pretrained(folder)
+    write_tokenizer_files(folder)
+    return folder
+
+
+def legacy_fp16_state_dict(model: torch.nn.Module, n_positions: int) -> dict[str, torch.Tensor]:
+    """What the hub's 2022 `.bin` files hold: fp16 weights plus buffers that are not weights."""
+    state = {k: v.detach().to(torch.float16).clone() for k, v in model.state_dict().items()}
+    mask = torch.tril(torch.ones(n_positions, n_positions, dtype=torch.bool)).view(1, 1, n_positions, n_positions)
+    for i in range(model.config.n_layer):
+        state[f"transformer.h.{i}.attn.causal_mask"] = mask
+        state[f"transformer.h.{i}.attn.bias"] = mask
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e9)
+    return state
+
+
+@pytest.fixture(scope="session")
+def real_shaped_bin(tmp_path_factory) -> Path:
+    """A 350M-shaped CodeGen (random weights) stored as the hub stores it: one fp16 pytorch_model.bin
+    with legacy buffers, and config.json with torch_dtype float16."""
+    from codegen_lm import CodeGenConfig
+
+    folder = tmp_path_factory.mktemp("ckpt-350M")
+    config = CodeGenConfig.from_pretrained("Salesforce/codegen-350M-mono")
+    hf_cfg = transformers.CodeGenConfig(**{k: v for k, v in config.to_dict().items() if k != "dtype"})
+    with torch.device("meta"):
+        model = transformers.CodeGenForCausalLM(hf_cfg)
+    model = model.to_empty(device="cpu")
+    randomize(model, seed=350, scale=0.02)
+    torch.save(legacy_fp16_state_dict(model, 2048), folder / "pytorch_model.bin")
+    del model
+    data = config.to_dict()
+    data.pop("dtype")
+    data["torch_dtype"] = "float16"
+    (folder / "config.json").write_text(json.dumps(data))
+    write_tokenizer_files(folder)
+    return folder
