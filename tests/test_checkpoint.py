@@ -56,6 +56,9 @@ def test_fp16_bin_with_legacy_buffers(hf_model, tmp_path):
     ours = CodeGenForCausalLM.from_pretrained(tmp_path)
     assert ours.dtype == torch.float32  # CPU default, whatever the file holds
     assert CodeGenForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.float16
+    assert CodeGenForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"unknown dtype .int4."):
+        CodeGenForCausalLM.from_pretrained(tmp_path, dtype="int4")
     reference = load_hf(tmp_path)
     assert (logits(ours) - logits(reference)).abs().max() <= 1e-4
 
@@ -179,11 +182,12 @@ def test_missing_unexpected_and_mismatched_tensors(tiny_checkpoint, tmp_path):
     bad = dict(state)
     bad["transformer.h.0.mlp.fc_in.weight"] = torch.zeros(7, 64)
     save(bad)
-    with pytest.raises(CheckpointError, match=r"'transformer\.h\.0\.mlp\.fc_in\.weight' has shape \[7, 64\].*needs \[256, 64\]"):
+    shape_error = r"'transformer\.h\.0\.mlp\.fc_in\.weight' has shape \[7, 64\].*needs \[256, 64\]"
+    with pytest.raises(CheckpointError, match=shape_error):
         CodeGenForCausalLM.from_pretrained(tmp_path)
 
     save({**state, "lm_head.bias": state["lm_head.bias"].to(torch.int32)})
-    with pytest.raises(CheckpointError, match="dtype torch.int32"):
+    with pytest.raises(CheckpointError, match=r"dtype torch\.int32"):
         CodeGenForCausalLM.from_pretrained(tmp_path)
 
 
@@ -192,7 +196,7 @@ def test_folders_without_weights_or_config(tiny_checkpoint, tmp_path):
     with pytest.raises(CheckpointError, match="no model weights found"):
         CodeGenForCausalLM.from_pretrained(tmp_path)
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
-    with pytest.raises(CheckpointError, match="lists shard model-1.safetensors, which is not in"):
+    with pytest.raises(CheckpointError, match=r"lists shard model-1\.safetensors, which is not in"):
         CodeGenForCausalLM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
@@ -283,3 +287,18 @@ def test_config_from_pretrained_names_and_overrides(tiny_checkpoint):
     assert CodeGenConfig.from_pretrained(tiny_checkpoint / "config.json", n_layer=1).n_layer == 1
     with pytest.raises(ValueError, match="n_embd=64: must be divisible by n_head=5"):
         CodeGenConfig.from_pretrained(tiny_checkpoint, n_head=5)
+
+
+def test_model_built_by_us_saves_a_checkpoint_transformers_reads(tmp_path):
+    """A random model built by our own code (every parameter randomised, LayerNorms and biases too),
+    saved by us, gives the same logits in transformers; and transformers' save of it loads back."""
+    from .conftest import randomize
+
+    config = CodeGenConfig(n_embd=96, n_layer=3, n_head=6, rotary_dim=4, n_inner=200, vocab_size=51200,
+                           n_positions=128)
+    ours = randomize(CodeGenForCausalLM.from_config(config), seed=21).eval()
+    ours.save_pretrained(tmp_path / "ours")
+    hf = load_hf(tmp_path / "ours")
+    assert (logits(hf) - logits(ours)).abs().max() <= 1e-4
+    hf.save_pretrained(tmp_path / "hf")
+    assert torch.equal(logits(CodeGenForCausalLM.from_pretrained(tmp_path / "hf")), logits(ours))

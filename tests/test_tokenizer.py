@@ -52,8 +52,9 @@ def tricky_texts() -> list[str]:
         "", " ", "\n", "\r\n", "\t", "def hello_world():", "    return x", "a\r\nb\r\n\r\n\r\n",
         "emoji 😀👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ ✔︎", "中文字符 日本語のテキスト 한국어", "ﷺ עברית العربية", "e\u0301 a\u0300\u0323",
         "\x00\x01\x1c\x1d\x1e\x1f\x7f", "\ufeffBOM", "\ufffd replacement", "tab\tinside\t\tcode", "nbsp\u00a0x\u3000y",
-        "it's we're they've I'm you'll he'd 'S", "1234567890 ¼ ½ Ⅻ ²³ ٣", "<|endoftext|>", "a<|endoftext|>b<|endoftext|>",
-        "<|endoftext", "x = '''\n'''\n\"\"\"doc\"\"\"", "\u2028\u2029\x85", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𐍈", "\U0010FFFF\U000E0001",
+        "it's we're they've I'm you'll he'd 'S", "1234567890 ¼ ½ Ⅻ ²³ ٣", "<|endoftext|>",
+        "a<|endoftext|>b<|endoftext|>", "<|endoftext",
+        "x = '''\n'''\n\"\"\"doc\"\"\"", "\u2028\u2029\x85", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢 𐍈", "\U0010FFFF\U000E0001",
     ]
     for n in range(1, 80):  # whitespace runs around and between code
         texts += [" " * n + "x", "x" + " " * n + "y", "\t" * n + "y", " \t" * n, "\n" * n + " " * n,
@@ -207,7 +208,8 @@ def test_save_and_load_round_trips_with_transformers(fast, slow, tmp_path):
     for cls in (CodeGenTokenizer, CodeGenTokenizerFast):
         assert cls.from_pretrained(tmp_path / "hf")(sample)["input_ids"] == fast(sample)["input_ids"]
     vocab_path, merges_path = slow.save_vocabulary(tmp_path / "vocab", filename_prefix="p")
-    assert Path(vocab_path).name == "p-vocab.json" and Path(merges_path).read_text() == (ASSETS / "merges.txt").read_text()
+    assert Path(vocab_path).name == "p-vocab.json"
+    assert Path(merges_path).read_text() == (ASSETS / "merges.txt").read_text()
     assert json.loads(Path(vocab_path).read_text()) == json.loads((ASSETS / "vocab.json").read_text())
 
 

@@ -2,8 +2,8 @@
 
 Reading streams one tensor at a time into a model whose parameters were allocated once (on the
 meta device first, then `to_empty`), converting dtype and layout on the way, so that loading never
-holds a second copy of the weights: safetensors files are reopened per tensor and `.bin` pages are
-handed back to the kernel once copied, so the source file's pages do not pile up in memory either.
+holds a second copy of the weights: both formats are read through memory maps whose pages are handed
+back to the kernel once copied, so the source file's pages do not pile up in memory either.
 """
 
 from __future__ import annotations
@@ -89,14 +89,14 @@ def resolve_model_dir(
     common = ["config.json", "*.json", "*.txt"]
     folder = resolve_files(
         name_or_path,
-        common + ["*.safetensors"],
+        [*common, "*.safetensors"],
         complete=lambda f: _has_weights(f),
         revision=revision,
         cache_dir=cache_dir,
     )
     if not _has_weights(folder):
         folder = resolve_files(
-            name_or_path, common + ["*.bin"], complete=_has_weights, revision=revision, cache_dir=cache_dir
+            name_or_path, [*common, "*.bin"], complete=_has_weights, revision=revision, cache_dir=cache_dir
         )
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json")
@@ -106,34 +106,61 @@ def resolve_model_dir(
 # ---- reading tensors -------------------------------------------------------------------------------
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (key, tensor) from one weight file; each tensor is only valid until the next one."""
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """Yield (key, tensor, mapped) from one weight file; each tensor is only valid until the next
+    one. `mapped` says the tensor lives in a private read-only file mapping, whose pages
+    `release_pages` may hand back to the kernel once they have been copied."""
     if path.suffix == ".safetensors":
         yield from _iter_safetensors(path)
     else:
         yield from _iter_bin(path)
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """Tensors as views of a private mapping of the file, copied by the caller straight into the
+    parameters (converting dtype on the way) with no intermediate copy."""
     from safetensors import SafetensorError, safe_open
 
-    try:
+    try:  # the library validates the header and that the offsets cover the file exactly
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
+        with open(path, "rb") as fh:
+            header_len = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(header_len))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): {exc}") from None
-    for key in keys:
-        # Reopening per tensor unmaps what was read before, keeping the file's pages out of our RSS.
-        try:
-            with safe_open(path, framework="pt") as f:
-                tensor = f.get_tensor(key)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{path}: cannot read tensor {key!r} (corrupt or truncated?): {exc}") from None
-        yield key, tensor
-        del tensor
+    data_start = 8 + header_len
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if keys else None
+    try:
+        for key in keys:
+            info = header[key]
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which we cannot read")
+            begin, _end = (data_start + o for o in info["data_offsets"])
+            numel = 1
+            for dim in info["shape"]:
+                numel *= dim
+            if numel == 0:
+                tensor = torch.empty(info["shape"], dtype=dtype)
+            else:
+                tensor = torch.frombuffer(mapped, dtype=dtype, count=numel, offset=begin).view(info["shape"])
+            yield key, tensor, numel > 0
+            del tensor
+    finally:
+        if mapped is not None:
+            mapped.close()
 
 
-def _iter_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_bin(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
     mapped = True
     try:
         try:
@@ -157,29 +184,28 @@ def _iter_bin(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         tensor = state.pop(key)
         if not isinstance(tensor, torch.Tensor):
             raise CheckpointError(f"{path}: entry {key!r} is a {type(tensor).__name__}, not a tensor")
-        yield key, tensor
-        if mapped:
-            _release_pages(tensor)
+        yield key, tensor, mapped
         del tensor
 
 
 _libc = None
 
 
-def _release_pages(tensor: torch.Tensor) -> None:
-    """Tell the kernel we are done with the file-mapped pages under `tensor` (they are re-read from
-    the file if ever touched again), so that a streamed load does not keep the whole file resident.
-    Only for tensors of an mmap-ed file: on anonymous memory, DONTNEED would zero live data."""
+def release_pages(tensor: torch.Tensor) -> None:
+    """Tell the kernel we are done with the file-mapped pages under `tensor` (contiguous), so that a
+    streamed load does not keep the file resident. Only for tensors of a private, never-written file
+    mapping, whose pages are simply re-read from the file if touched again (on anonymous memory,
+    DONTNEED would zero live data)."""
     global _libc
-    storage = tensor.untyped_storage()
-    if storage.nbytes() == 0 or tensor.device.type != "cpu":
+    nbytes = tensor.numel() * tensor.element_size()
+    if nbytes == 0 or tensor.device.type != "cpu":
         return
     try:
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)
         page = mmap.PAGESIZE
-        start = storage.data_ptr() // page * page
-        end = -(-(storage.data_ptr() + storage.nbytes()) // page) * page
+        start = tensor.data_ptr() // page * page
+        end = -(-(tensor.data_ptr() + nbytes) // page) * page
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # MADV_DONTNEED
     except (OSError, AttributeError):
         pass
@@ -229,6 +255,29 @@ def _config_of(model: torch.nn.Module) -> CodeGenConfig:
     return model.config
 
 
+_CHUNK_BYTES = 16 << 20
+
+
+@torch.no_grad()
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor, rows: torch.Tensor | None, mapped: bool) -> None:
+    """param = tensor (or tensor[rows]), a few MB at a time, releasing the source pages as it goes:
+    a large tensor (the 200 MB embedding of a 350M model) never sits in memory twice."""
+    if tensor.dim() == 0 or tensor.shape[0] <= 1:
+        param.copy_(tensor if rows is None else tensor[rows])
+    else:
+        step = max(1, _CHUNK_BYTES // max(1, tensor[0].numel() * tensor.element_size()))
+        for start in range(0, tensor.shape[0], step):
+            end = min(start + step, tensor.shape[0])
+            if rows is None:
+                param[start:end].copy_(tensor[start:end])
+                if mapped and tensor.is_contiguous():
+                    release_pages(tensor[start:end])
+            else:
+                param[start:end].copy_(tensor[rows[start:end]])
+    if mapped and tensor.is_contiguous():
+        release_pages(tensor)
+
+
 def load_weights(model: torch.nn.Module, files: list[Path], strict: bool = True) -> None:
     """Fill every parameter of `model` from `files` (HF layout), converting dtype and layout."""
     config = _config_of(model)
@@ -238,7 +287,7 @@ def load_weights(model: torch.nn.Module, files: list[Path], strict: bool = True)
     loaded: set[str] = set()
     unexpected: list[tuple[Path, str]] = []
     for path in files:
-        for hf_key, tensor in iter_tensors(path):
+        for hf_key, tensor, mapped in iter_tensors(path):
             key = _internal_key(hf_key, has_lm_head)
             if key is None:
                 continue
@@ -256,8 +305,7 @@ def load_weights(model: torch.nn.Module, files: list[Path], strict: bool = True)
                 )
             if not tensor.is_floating_point():
                 raise CheckpointError(f"{path}: tensor {hf_key!r} has dtype {tensor.dtype}; expected floating point")
-            with torch.no_grad():
-                param.copy_(tensor[perm] if key.endswith(".attn.qkv.weight") else tensor)
+            _copy_into(param, tensor, perm if key.endswith(".attn.qkv.weight") else None, mapped)
             loaded.add(key)
     missing = [k for k in targets if k not in loaded]
     names = ", ".join(p.name for p in files)
@@ -413,15 +461,15 @@ def describe_weights(files: list[Path]) -> dict[str, object]:
         if path.suffix == ".safetensors":
             try:
                 with safe_open(path, framework="pt") as f:
-                    for key in f.keys():
+                    for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                         sl = f.get_slice(key)
                         numel = 1
                         for d in sl.get_shape():
                             numel *= d
                         count(key, numel, names.get(sl.get_dtype(), sl.get_dtype()), sizes.get(sl.get_dtype(), 0))
-            except Exception as exc:  # noqa: BLE001 - any failure to read is a corrupt file to the user
+            except Exception as exc:
                 raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
         else:
-            for key, tensor in _iter_bin(path):
+            for key, tensor, _ in _iter_bin(path):
                 count(key, tensor.numel(), str(tensor.dtype).removeprefix("torch."), tensor.element_size())
     return {"files": [p.name for p in files], "parameters": params, "bytes": nbytes, "dtypes": dtypes}

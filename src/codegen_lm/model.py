@@ -155,7 +155,7 @@ class CodeGenBlock(nn.Module):
         self.mlp = CodeGenMLP(config)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: torch.Tensor, cos, sin, mask, causal, cache) -> torch.Tensor:  # noqa: ANN001
+    def forward(self, x: torch.Tensor, cos, sin, mask, causal, cache) -> torch.Tensor:
         h = self.ln_1(x)
         attn = self.resid_dropout(self.attn(h, cos, sin, mask, causal, cache))
         return attn + self.resid_dropout(self.mlp(h)) + x
@@ -219,12 +219,19 @@ class CodeGenPreTrainedModel(nn.Module):
         strict: bool = True,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | str | None = None,
     ) -> CodeGenPreTrainedModel:
         """Load a checkpoint folder or hub repository (offline: the local hub cache).
 
         dtype: None = fp32 on CPU and the checkpoint's dtype on GPU; "auto" = the checkpoint's dtype.
+        torch_dtype is the older `transformers` name of the same argument.
         """
         from .checkpoint import load_pretrained
+
+        if torch_dtype is not None:
+            if dtype is not None:
+                raise ValueError("pass dtype or torch_dtype, not both")
+            dtype = torch_dtype
 
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, strict=strict,
                                revision=revision, cache_dir=cache_dir)

@@ -29,7 +29,8 @@ def number(kind: type, low: float | None = None, high: float | None = None, low_
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
         if value != value or (low is not None and (value < low or (low_open and value == low))) or (
             high is not None and value > high
         ):
@@ -63,7 +64,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "(for trying things out; the output is gibberish)")
 
 
-def load_model(args: argparse.Namespace):  # noqa: ANN201 - (model, tokenizer)
+def load_model(args: argparse.Namespace):
     """Model and tokenizer for --model, or a CliError that says what is wrong."""
     from ..checkpoint import CheckpointError
     from ..config import CodeGenConfig

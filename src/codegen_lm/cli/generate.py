@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stream:
         if not args.completion_only:
             sys.stdout.write(prompt)
-        def streamer(tokens):  # noqa: ANN001, ANN202
+        def streamer(tokens):
             sys.stdout.write(streams[0].push(int(tokens[0])))
             sys.stdout.flush()
 

@@ -50,7 +50,9 @@ def generate(
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must have shape [batch, tokens] with at least one token, got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must have shape [batch, tokens] with at least one token, got {tuple(input_ids.shape)}"
+        )
     device = model.device
     input_ids = input_ids.to(device)
     B, T = input_ids.shape
@@ -59,10 +61,12 @@ def generate(
     else:
         attention_mask = torch.as_tensor(attention_mask).to(device)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}"
+            )
         if bool((attention_mask.sum(-1) == 0).any()):
             raise ValueError("a prompt row has no tokens (its attention_mask is all zeros)")
-    if T >= config.n_positions:
+    if config.n_positions <= T:
         raise ValueError(
             f"prompt of {T} tokens does not fit the model's context of {config.n_positions} positions "
             "(it must leave room for at least one new token)"

@@ -180,7 +180,8 @@ class TokenizerBase:
         if return_attention_mask:
             out["attention_mask"] = masks[0] if single else masks
         if return_token_type_ids:
-            out["token_type_ids"] = [[0] * len(r) for r in ids][0] if single else [[0] * len(r) for r in ids]
+            types = [[0] * len(r) for r in ids]
+            out["token_type_ids"] = types[0] if single else types
         return self._to_tensors(out, return_tensors, single)
 
     def _truncate(self, row: list[int], limit: int) -> list[int]:
@@ -365,7 +366,7 @@ def _tokenizer_folder(name_or_path: str | os.PathLike, revision: str | None, cac
                                             allow_patterns=TOKENIZER_FILES))
             if _has_tokenizer_files(cached):
                 return cached
-        except Exception:  # noqa: BLE001 - any cache problem means: use the bundled copy
+        except Exception:
             pass
         return ASSETS
     folder = resolve_files(name, TOKENIZER_FILES, complete=_has_tokenizer_files, revision=revision,

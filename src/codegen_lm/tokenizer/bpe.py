@@ -6,6 +6,7 @@ Gives the same ids as `CodeGenTokenizerFast` and `transformers` on every input; 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 from .base import TokenizerBase
@@ -16,7 +17,7 @@ _CACHE_LIMIT = 200_000
 
 
 class CodeGenTokenizer(TokenizerBase):
-    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *args, **kwargs) -> None:  # noqa: ANN002,ANN003
+    def __init__(self, vocab: dict[str, int], merges: Sequence[tuple[str, str]], *args, **kwargs) -> None:
         super().__init__(vocab, merges, *args, **kwargs)
         self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         self._added_pattern = added_token_pattern(self.added_tokens.keys() | self.special_tokens)
@@ -52,7 +53,7 @@ class CodeGenTokenizer(TokenizerBase):
         ranks = self._ranks
         while len(parts) > 1:
             best, best_rank = None, None
-            for pair in zip(parts, parts[1:]):
+            for pair in itertools.pairwise(parts):
                 rank = ranks.get(pair)
                 if rank is not None and (best_rank is None or rank < best_rank):
                     best, best_rank = pair, rank
@@ -71,7 +72,8 @@ class CodeGenTokenizer(TokenizerBase):
         try:
             return [vocab[p] for p in parts]
         except KeyError as exc:
-            raise ValueError(f"symbol {exc.args[0]!r} is not in the vocabulary (not a byte-level vocabulary?)") from None
+            symbol = exc.args[0]
+            raise ValueError(f"symbol {symbol!r} is not in the vocabulary (not a byte-level vocabulary?)") from None
 
     def _decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         pieces = []
