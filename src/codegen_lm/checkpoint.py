@@ -361,14 +361,22 @@ def load_pretrained(
 # ---- writing ---------------------------------------------------------------------------------------
 
 
-def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under HF names and in HF layout (tied weights written once)."""
+def hf_state_dict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's weights (or `state_dict`, in our layout, e.g. gathered from FSDP shards) under HF
+    names and in HF layout (tied weights written once)."""
     has_lm_head = hasattr(model, "lm_head")
     perm = qkv_permutation(_config_of(model))
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(len(perm))
     out = {}
-    for key, param in model.named_parameters(remove_duplicate=True):
+    if state_dict is None:
+        items = list(model.named_parameters(remove_duplicate=True))
+    else:
+        tied = has_lm_head and _config_of(model).tie_word_embeddings
+        items = [(k, v) for k, v in state_dict.items() if not (tied and k == "lm_head.weight")]
+    for key, param in items:
         tensor = param.detach()
         if key.endswith(".attn.qkv.weight"):
             tensor = tensor[inverse]
@@ -387,8 +395,14 @@ def parse_size(size: int | str) -> int:
     return int(text)
 
 
-def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike, max_shard_size: int | str = "5GB") -> None:
-    """Write `config.json` and `model.safetensors` (sharded with an index above max_shard_size).
+def save_pretrained(
+    model: torch.nn.Module,
+    folder: str | os.PathLike,
+    max_shard_size: int | str = "5GB",
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write `config.json` and `model.safetensors` (sharded with an index above max_shard_size);
+    `state_dict` (our parameter names) replaces the model's own weights when given.
 
     Files are written under temporary names and renamed into place, so an interrupted save never
     leaves a half-written checkpoint where a good one was.
@@ -397,7 +411,7 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike, max_shard
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = hf_state_dict(model)
+    state = hf_state_dict(model, state_dict)
     limit = parse_size(max_shard_size)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -433,7 +447,7 @@ def save_pretrained(model: torch.nn.Module, folder: str | os.PathLike, max_shard
             stale.unlink()
     config = _config_of(model)
     saved = CodeGenConfig.from_dict(config.to_dict())
-    saved.torch_dtype = str(model.dtype).removeprefix("torch.")
+    saved.torch_dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     saved.save_pretrained(folder)
 
 
