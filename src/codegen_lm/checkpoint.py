@@ -21,11 +21,14 @@ import torch
 
 from .config import CodeGenConfig
 from .hub import resolve_files
+from .quantize import is_quantized, quantize_model
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN = "pytorch_model.bin"
+# Our fused projection's tensors whose rows are permuted between the HF layout and ours.
+QKV_KEYS = (".attn.qkv.weight", ".attn.qkv.weight_scale")
 # Buffers old checkpoints carry that hold no learned weights.
 LEGACY_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attn.causal_mask")
 
@@ -303,9 +306,11 @@ def load_weights(model: torch.nn.Module, files: list[Path], strict: bool = True)
                     f"({config.n_layer} layers, n_embd={config.n_embd}, vocab_size={config.vocab_size}) "
                     f"needs {list(param.shape)}"
                 )
-            if not tensor.is_floating_point():
+            if not tensor.is_floating_point() and not (tensor.dtype == param.dtype == torch.int8):
                 raise CheckpointError(f"{path}: tensor {hf_key!r} has dtype {tensor.dtype}; expected floating point")
-            _copy_into(param, tensor, perm if key.endswith(".attn.qkv.weight") else None, mapped)
+            if tensor.dtype == torch.int8 and param.dtype != torch.int8:
+                raise CheckpointError(f"{path}: tensor {hf_key!r} is int8 but the config is not int8-quantized")
+            _copy_into(param, tensor, perm if key.endswith(QKV_KEYS) else None, mapped)
             loaded.add(key)
     missing = [k for k in targets if k not in loaded]
     names = ", ".join(p.name for p in files)
@@ -340,6 +345,7 @@ def load_pretrained(
     strict: bool = True,
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    quantize: str | None = None,
 ) -> torch.nn.Module:
     folder = resolve_model_dir(name_or_path, revision=revision, cache_dir=cache_dir)
     config = CodeGenConfig.from_json_file(folder / "config.json")
@@ -350,10 +356,18 @@ def load_pretrained(
     dtype = default_dtype(dtype, config, device)
     with torch.device("meta"):
         model = cls(config)
-    model.to(dtype=dtype).to_empty(device=device)
+        model.to(dtype=dtype)
+        if is_quantized(config):  # int8 weights and their scales load into Int8Linear placeholders
+            quantize_model(model, placeholders=True)
+    model.to_empty(device=device)
     model.tie_weights()
     load_weights(model, files, strict=strict)
     model.reset_rotary()
+    if quantize is not None:
+        if quantize != "int8":
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        if not is_quantized(model.config):
+            quantize_model(model)
     model.name_or_path = str(name_or_path)
     return model.eval()
 
@@ -378,7 +392,7 @@ def hf_state_dict(
         items = [(k, v) for k, v in state_dict.items() if not (tied and k == "lm_head.weight")]
     for key, param in items:
         tensor = param.detach()
-        if key.endswith(".attn.qkv.weight"):
+        if key.endswith(QKV_KEYS):
             tensor = tensor[inverse]
         out[_hf_key(key, has_lm_head)] = tensor.contiguous()
     return out

@@ -39,6 +39,11 @@ def resolve_files(
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
+    from .bundled import bundled_model_dir
+
+    bundled = bundled_model_dir(str(name_or_path))
+    if bundled is not None:
+        return bundled
     if is_local(name_or_path):
         raise ModelNotFoundError(f"{name_or_path}: no such folder")
     repo_id = str(name_or_path)

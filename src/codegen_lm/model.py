@@ -75,8 +75,11 @@ def attention(
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if causal:
         mask = causal_mask(q.shape[-2], k.shape[-2], q.device)
-    if mask is not None:
-        scores = scores + mask
+    if mask is not None:  # additive (from causal_mask) or boolean (True = may attend)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+        else:
+            scores = scores + mask
     probs = F.dropout(scores.softmax(dim=-1).to(v.dtype), dropout)
     return torch.matmul(probs, v)
 
@@ -228,11 +231,13 @@ class CodeGenPreTrainedModel(nn.Module):
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | str | None = None,
+        quantize: str | None = None,
     ) -> CodeGenPreTrainedModel:
         """Load a checkpoint folder or hub repository (offline: the local hub cache).
 
         dtype: None = fp32 on CPU and the checkpoint's dtype on GPU; "auto" = the checkpoint's dtype.
-        torch_dtype is the older `transformers` name of the same argument.
+        torch_dtype is the older `transformers` name of the same argument. quantize="int8" swaps every
+        Linear for int8 weight-only storage (see quantize.py); int8 checkpoints load as such.
         """
         from .checkpoint import load_pretrained
 
@@ -242,7 +247,7 @@ class CodeGenPreTrainedModel(nn.Module):
             dtype = torch_dtype
 
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, strict=strict,
-                               revision=revision, cache_dir=cache_dir)
+                               revision=revision, cache_dir=cache_dir, quantize=quantize)
 
     def save_pretrained(
         self,

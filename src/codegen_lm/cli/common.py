@@ -54,8 +54,11 @@ def unescape(text: str) -> str:
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="NAME_OR_PATH",
-                        help="checkpoint folder or hub name (e.g. Salesforce/codegen-350M-mono)")
+    from ..bundled import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
+                        help=f"checkpoint folder, hub name (e.g. Salesforce/codegen-350M-mono) or bundled model "
+                             f"(default: {DEFAULT_MODEL}, which ships with the package)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="weight dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")

@@ -12,7 +12,10 @@ from .common import CliError
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="describe a checkpoint", description="Describe a checkpoint without loading it.")
-    p.add_argument("model", metavar="MODEL", help="checkpoint folder or hub name")
+    from ..bundled import DEFAULT_MODEL
+
+    p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL,
+                   help=f"checkpoint folder, hub name or bundled model (default: {DEFAULT_MODEL})")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run)
 

@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .sampling import SamplingParams, pick_tokens, process_logits, row_generators
-from .stopping import Decoder, TextStream
+from .sampling import SamplingParams
+from .stopping import Decoder
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -41,8 +41,12 @@ def generate(
     `max_new_tokens` (default 128, and never past the model's context).
 
     Sampling happens when `do_sample` is True, or when it is None and temperature, top_k or top_p is
-    given; temperature 0 is greedy. With `seed`, row r draws from its own generator seeded from
-    (seed, r), so results repeat exactly. `streamer`, if given, is called with each step's tokens.
+    given; temperature 0 is greedy. With `seed`, sample j of prompt b draws from its own generator
+    seeded from (seed, b, j), so results repeat exactly whatever else is generated alongside.
+    `streamer`, if given, is called with each step's tokens.
+
+    This runs on the inference engine (`codegen_lm.engine`): each prompt is prefilled once, without
+    its padding, and its samples share that prefill.
     """
     config = model.config
     if not isinstance(input_ids, torch.Tensor):
@@ -103,45 +107,45 @@ def generate(
         tokenizer = _default_tokenizer(model)
 
     n = num_return_sequences
-    rows = B * n
-    cache = model.new_cache(B, T + max_new_tokens)
-    logits = model(input_ids, attention_mask=attention_mask, past_key_values=cache, logits_to_keep=1).logits[:, -1]
-    if n > 1:  # all samples of a prompt share its prefill
-        cache = cache.repeat_interleave(n)
-        logits = logits.repeat_interleave(n, dim=0)
-        input_ids = input_ids.repeat_interleave(n, dim=0)
-        attention_mask = attention_mask.repeat_interleave(n, dim=0)
-    generators = row_generators(seed, rows, device) if seed is not None and not params.greedy else None
-    streams = [TextStream(tokenizer, stops) for _ in range(rows)] if stops else None
-    eos = torch.tensor(eos_ids, device=device, dtype=torch.long)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    generated = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
-    mask = torch.cat([attention_mask, attention_mask.new_ones(rows, max_new_tokens)], dim=1)
+    from ..engine import Engine, GenerationParams
 
-    steps = 0
-    for step in range(max_new_tokens):
-        if step < min_new_tokens and len(eos):
-            logits[:, eos] = float("-inf")
-        context = torch.cat([input_ids, generated[:, :step]], dim=1) if params.repetition_penalty != 1.0 else None
-        scores = process_logits(logits, params, context, mask[:, : T + step] if context is not None else None)
-        tokens = pick_tokens(scores, params, generators)
-        tokens = torch.where(finished, torch.full_like(tokens, pad_token_id), tokens)
-        generated[:, step] = tokens
-        steps = step + 1
+    engine = Engine(model, tokenizer, max_batch=B * n, initial_len=T + max_new_tokens)
+    greedy = params.greedy
+    handles = []
+    for b in range(B):
+        prompt = input_ids[b][attention_mask[b].bool()].tolist()
+        request = GenerationParams(
+            n=n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+            temperature=0.0 if greedy else params.temperature, top_k=params.top_k, top_p=params.top_p,
+            repetition_penalty=params.repetition_penalty, stop=tuple(stops), eos_token_ids=tuple(eos_ids),
+            seed=None if seed is None else (seed + 7919 * b) % 2**63,
+        )
+        handles.append(engine.submit(prompt, request))
+    samples = [s for h in handles for s in h._request.samples]  # row r = prompt r // n, sample r % n
+    emitted = 0
+    while True:
+        busy = engine.step()
         if streamer is not None:
-            streamer(tokens)
-        if len(eos):
-            finished |= torch.isin(tokens, eos)
-        if streams is not None:
-            for r in range(rows):
-                if not finished[r]:
-                    streams[r].push(int(tokens[r]))
-                    if streams[r].stopped:
-                        finished[r] = True
-        if bool(finished.all()) or step + 1 == max_new_tokens:
+            emitted = _stream(samples, emitted, pad_token_id, streamer, device, final=not busy)
+        if not busy:
             break
-        logits = model(tokens[:, None], attention_mask=mask[:, : T + step + 1], past_key_values=cache).logits[:, -1]
-    return torch.cat([input_ids, generated[:, :steps]], dim=1)
+    width = max(len(s.output.token_ids) for s in samples)
+    generated = torch.full((B * n, width), pad_token_id, dtype=torch.long, device=device)
+    for r, s in enumerate(samples):
+        generated[r, : len(s.output.token_ids)] = torch.tensor(s.output.token_ids, device=device)
+    return torch.cat([input_ids.repeat_interleave(n, dim=0), generated], dim=1)
+
+
+def _stream(samples: list, emitted: int, pad: int, streamer: Callable[[torch.Tensor], None],
+            device: torch.device, final: bool) -> int:
+    """Call `streamer` once per position that every row has reached (finished rows give `pad`)."""
+    lengths = [len(s.output.token_ids) for s in samples]
+    running = [n for s, n in zip(samples, lengths) if s.output.finish_reason is None]
+    ready = max(lengths) if final or not running else min(running)
+    for pos in range(emitted, ready):
+        streamer(torch.tensor([s.output.token_ids[pos] if pos < n else pad for s, n in zip(samples, lengths)],
+                              device=device))
+    return max(ready, emitted)
 
 
 def _default_tokenizer(model: torch.nn.Module) -> Decoder:

@@ -1,0 +1,95 @@
+"""Quality of a small trained model: held-out loss and perplexity, and how many completions of 50
+function signatures are valid Python.
+
+Protocol for the syntax check: each prompt (`bench/signature_prompts.py`) is completed greedily with
+up to --max-new-tokens tokens; the completion ends at eos or before the first line that starts at
+column 0 (the function is over); the prompt plus completion must pass `ast.parse`.
+
+    python bench/default_model_quality.py --model codegen-lm-mini --data runs/default-model/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from signature_prompts import PROMPTS
+
+from codegen_lm import CodeGenForCausalLM, CodeGenTokenizerFast
+from codegen_lm.training.data import TokenWindows
+
+TOP_LEVEL = re.compile(r"\n(?=\S)")
+
+
+def complete(model, tok, prompt: str, max_new_tokens: int) -> tuple[str, int]:
+    ids = tok(prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=max_new_tokens)
+    text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=False)
+    text = text.split(tok.eos_token)[0]
+    match = TOP_LEVEL.search(text)
+    return (text[: match.start() + 1] if match else text), out.shape[1] - ids.shape[1]
+
+
+@torch.no_grad()
+def held_out_loss(model, data: Path, seq_len: int, batch: int = 8) -> tuple[float, int]:
+    val = TokenWindows(data, "val", seq_len, shuffle=False)
+    total, tokens = 0.0, 0
+    for start in range(0, val.n_windows, batch):
+        x = val.batch(start, min(batch, val.n_windows - start))
+        logits = model(x[:, :-1], use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum")
+        total += float(loss)
+        tokens += x[:, 1:].numel()
+    return total / tokens, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="codegen-lm-mini")
+    parser.add_argument("--data", type=Path, help="prepared data folder (for the held-out loss)")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/default_model_quality.json"))
+    parser.add_argument("--show", type=int, default=3, help="print this many completions")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    model = CodeGenForCausalLM.from_pretrained(args.model).eval()
+    tok = CodeGenTokenizerFast.from_pretrained(args.model)
+    result: dict[str, object] = {"model": args.model, "parameters": model.num_parameters()}
+    if args.data:
+        loss, tokens = held_out_loss(model, args.data, min(args.seq_len, model.config.n_positions))
+        result.update(held_out_loss=loss, held_out_perplexity=math.exp(loss), held_out_tokens=tokens)
+        print(f"held-out loss {loss:.4f} nats/token, perplexity {math.exp(loss):.2f} ({tokens:,} tokens)")
+    passed, generated, failures = 0, 0, []
+    start = time.perf_counter()
+    for i, prompt in enumerate(PROMPTS):
+        completion, n = complete(model, tok, prompt, args.max_new_tokens)
+        generated += n
+        try:
+            ast.parse(prompt + completion)
+            passed += 1
+        except SyntaxError as exc:
+            failures.append({"prompt": prompt, "completion": completion, "error": f"{exc.msg} (line {exc.lineno})"})
+        if i < args.show:
+            print(f"--- {i + 1}\n{prompt}{completion}")
+    seconds = time.perf_counter() - start
+    result.update(syntax_ok=passed, prompts=len(PROMPTS), syntax_ok_fraction=passed / len(PROMPTS),
+                  generated_tokens=generated, generation_tokens_per_s=generated / seconds, failures=failures)
+    print(f"ast.parse accepts {passed}/{len(PROMPTS)} completions ({100 * passed / len(PROMPTS):.0f}%); "
+          f"greedy generation {generated / seconds:.0f} tokens/s")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Fifty function signatures with docstrings: the prompts of the default model's syntax check.
+
+Written for this project; each is a complete `def` line plus a docstring, ending in a newline, so the
+model has to write the body.
+"""
+
+SIGNATURES = [
+    ("is_palindrome(s: str) -> bool", "Return True if s reads the same forwards and backwards."),
+    ("count_vowels(text)", "Return the number of vowels in text."),
+    ("flatten(nested)", "Flatten a list of lists into one list."),
+    ("merge_dicts(a, b)", "Return a new dict with the keys of a and b; b wins on conflicts."),
+    ("parse_int(value, default=0)", "Convert value to an int, returning default if that fails."),
+    ("read_lines(path)", "Return the lines of the file at path, without trailing newlines."),
+    ("write_json(path, data)", "Write data to path as indented JSON."),
+    ("chunks(items, size)", "Yield successive lists of at most size items."),
+    ("unique(items)", "Return the items without duplicates, keeping their first order."),
+    ("factorial(n)", "Return n! for a non-negative integer n."),
+    ("fibonacci(n)", "Return the n-th Fibonacci number."),
+    ("gcd(a, b)", "Return the greatest common divisor of a and b."),
+    ("is_prime(n)", "Return True if n is a prime number."),
+    ("reverse_words(sentence)", "Return the sentence with its words in reverse order."),
+    ("capitalize_words(text)", "Capitalize the first letter of every word in text."),
+    ("find_max(numbers)", "Return the largest number in the list, or None if it is empty."),
+    ("average(values)", "Return the arithmetic mean of values."),
+    ("clamp(x, low, high)", "Limit x to the range [low, high]."),
+    ("word_count(text)", "Return a dict mapping each word in text to the number of times it occurs."),
+    ("strip_comments(source)", "Remove everything after a # on each line of source."),
+    ("is_valid_identifier(name)", "Return True if name is a valid Python identifier."),
+    ("to_snake_case(name)", "Convert a CamelCase name to snake_case."),
+    ("split_path(path)", "Split a path into its directory and file name."),
+    ("list_python_files(folder)", "Return the paths of all .py files under folder."),
+    ("get_env(name, default=None)", "Return the environment variable name, or default if it is not set."),
+    ("retry(func, attempts=3)", "Call func until it succeeds, at most attempts times, and return its result."),
+    ("timestamp()", "Return the current time as an ISO 8601 string."),
+    ("sha256_of_file(path)", "Return the hex SHA-256 digest of the file at path."),
+    ("format_bytes(n)", "Format a number of bytes as a human-readable string such as '1.5 KB'."),
+    ("parse_key_value(line)", "Parse a 'key=value' line into a (key, value) tuple."),
+    ("load_config(path)", "Read an INI file and return its sections as a dict of dicts."),
+    ("binary_search(items, target)", "Return the index of target in the sorted list items, or -1."),
+    ("bubble_sort(items)", "Sort the list in place with bubble sort and return it."),
+    ("transpose(matrix)", "Return the transpose of a matrix given as a list of rows."),
+    ("dot(a, b)", "Return the dot product of two vectors."),
+    ("running_total(numbers)", "Return the list of cumulative sums of numbers."),
+    ("group_by(items, key)", "Group items into a dict of lists by the value of key(item)."),
+    ("invert_dict(d)", "Return a dict mapping each value of d to its key."),
+    ("safe_divide(a, b)", "Return a / b, or None when b is zero."),
+    ("escape_html(text)", "Replace &, < and > in text with their HTML entities."),
+    ("extract_numbers(text)", "Return all the integers that appear in text."),
+    ("most_common(items)", "Return the most common element of items."),
+    ("pairwise_sums(numbers)", "Return the sums of each pair of adjacent numbers."),
+    ("rotate(items, k)", "Rotate the list items to the right by k positions."),
+    ("is_anagram(a, b)", "Return True if the strings a and b are anagrams of each other."),
+    ("celsius_to_fahrenheit(c)", "Convert a temperature from Celsius to Fahrenheit."),
+    ("days_between(start, end)", "Return the number of days between two datetime.date objects."),
+    ("make_counter()", "Return a function that returns 1, 2, 3, ... on successive calls."),
+    ("run_command(args)", "Run the command args and return its standard output as a string."),
+    ("main(argv=None)", "Parse the command line arguments and print a greeting."),
+]
+
+PROMPTS = [f'def {sig}:\n    """{doc}"""\n' for sig, doc in SIGNATURES]
+assert len(PROMPTS) == 50

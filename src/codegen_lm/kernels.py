@@ -1,0 +1,64 @@
+"""Compute kernels that PyTorch does not provide fast enough on the CPU.
+
+`int8_matmul(x, w8, scale)` = x @ (scale[:, None] * w8)^T. For a few rows (decoding) on the CPU it
+runs a numba kernel that streams the int8 weights once and converts them in registers (PyTorch's own
+int8 paths read weights at about 1 GB/s here); for many rows, on a GPU, or where numba is not
+installed, it dequantizes blocks of weight rows and uses the ordinary matmul.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+SMALL_ROWS = 8  # up to this many rows the numba kernel wins; above, dequantize + BLAS
+_BLOCK = 1024  # weight rows dequantized at a time on the fallback path
+
+try:  # numba is optional: without it (or when disabled) every product takes the fallback path
+    if os.environ.get("CODEGEN_LM_NO_NUMBA"):
+        raise ImportError("disabled by CODEGEN_LM_NO_NUMBA")
+    import numba
+    import numpy as np
+
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _int8_mm_numba(x, w, scale, out):
+        rows, k_dim = x.shape
+        n_out = w.shape[0]
+        for n in numba.prange(n_out):
+            s = scale[n]
+            for r in range(rows):
+                acc = np.float32(0.0)
+                for k in range(k_dim):
+                    acc += x[r, k] * np.float32(w[n, k])
+                out[r, n] = acc * s
+
+    HAVE_NUMBA = True
+except Exception as exc:
+    _NUMBA_ERROR = exc
+    HAVE_NUMBA = False
+
+
+def _numba_ok(x: torch.Tensor) -> bool:
+    return HAVE_NUMBA and x.device.type == "cpu" and x.shape[0] <= SMALL_ROWS and not torch.is_grad_enabled()
+
+
+def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] (any float dtype) times int8 weights [out, in] with fp32 scales [out] -> [rows, out]."""
+    global HAVE_NUMBA
+    if _numba_ok(x):
+        try:
+            xf = x.detach().to(torch.float32).contiguous()
+            out = torch.empty(xf.shape[0], w8.shape[0], dtype=torch.float32)
+            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+            _int8_mm_numba(xf.numpy(), w8.contiguous().numpy(), scale.contiguous().numpy(), out.numpy())
+            return out.to(x.dtype)
+        except Exception as exc:
+            warnings.warn(f"numba int8 kernel failed ({exc}); using the dequantizing fallback", stacklevel=2)
+            HAVE_NUMBA = False
+    out = torch.empty(x.shape[0], w8.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, w8.shape[0], _BLOCK):
+        block = w8[start : start + _BLOCK].to(x.dtype) * scale[start : start + _BLOCK, None].to(x.dtype)
+        out[:, start : start + _BLOCK] = x @ block.t()
+    return out
