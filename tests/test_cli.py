@@ -118,3 +118,18 @@ def test_console_script_and_random_weights(tmp_path):
                           "--max-new-tokens", "2", "--seed", "0"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("def f():")
+
+
+def test_generate_int8_and_speculative(capsys, tiny_checkpoint, expected):
+    code, out, err = run_cli(capsys, "generate", "def add(a, b):", "--model", str(tiny_checkpoint),
+                             "--max-new-tokens", "12", "--speculative", "prompt-lookup", "--threads", "1")
+    assert code == 0, err
+    assert out == "def add(a, b):" + expected + "\n"  # speculative greedy is plain greedy
+    assert "speculative decoding accepted" in err
+    code, out, err = run_cli(capsys, "generate", "def add(a, b):", "--model", str(tiny_checkpoint),
+                             "--max-new-tokens", "12", "--quantize", "int8")
+    assert code == 0, err
+    assert out.startswith("def add(a, b):")
+    code, out, err = run_cli(capsys, "generate", "x", "--model", str(tiny_checkpoint), "--speculative",
+                             "/no/such/draft")
+    assert code == 1 and "--speculative /no/such/draft" in err

@@ -13,7 +13,8 @@ import warnings
 
 import torch
 
-SMALL_ROWS = 8  # up to this many rows the numba kernel wins; above, dequantize + BLAS
+SMALL_ROWS = 8  # up to this many rows the numba kernels win; above, dequantize + BLAS
+DIRECT_ROWS = 1  # up to this many rows: convert in registers; above: a converted row buffer per thread
 _BLOCK = 1024  # weight rows dequantized at a time on the fallback path
 
 try:  # numba is optional: without it (or when disabled) every product takes the fallback path
@@ -34,6 +35,24 @@ try:  # numba is optional: without it (or when disabled) every product takes the
                     acc += x[r, k] * np.float32(w[n, k])
                 out[r, n] = acc * s
 
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _int8_mm_rows_numba(x, w, scale, out, n_chunks):
+        """Several rows: convert each weight row once into a small float buffer, then one dot per row."""
+        rows, k_dim = x.shape
+        n_out = w.shape[0]
+        per_chunk = (n_out + n_chunks - 1) // n_chunks
+        for c in numba.prange(n_chunks):
+            buf = np.empty(k_dim, dtype=np.float32)
+            for n in range(c * per_chunk, min(n_out, (c + 1) * per_chunk)):
+                for k in range(k_dim):
+                    buf[k] = np.float32(w[n, k])
+                s = scale[n]
+                for r in range(rows):
+                    acc = np.float32(0.0)
+                    for k in range(k_dim):
+                        acc += x[r, k] * buf[k]
+                    out[r, n] = acc * s
+
     HAVE_NUMBA = True
 except Exception as exc:
     _NUMBA_ERROR = exc
@@ -51,8 +70,13 @@ def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch
         try:
             xf = x.detach().to(torch.float32).contiguous()
             out = torch.empty(xf.shape[0], w8.shape[0], dtype=torch.float32)
-            numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-            _int8_mm_numba(xf.numpy(), w8.contiguous().numpy(), scale.contiguous().numpy(), out.numpy())
+            threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+            numba.set_num_threads(threads)
+            args = (xf.numpy(), w8.contiguous().numpy(), scale.contiguous().numpy(), out.numpy())
+            if xf.shape[0] <= DIRECT_ROWS:
+                _int8_mm_numba(*args)
+            else:
+                _int8_mm_rows_numba(*args, 8 * threads)
             return out.to(x.dtype)
         except Exception as exc:
             warnings.warn(f"numba int8 kernel failed ({exc}); using the dequantizing fallback", stacklevel=2)

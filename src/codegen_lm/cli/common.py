@@ -62,6 +62,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="weight dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--quantize", choices=["int8"], default=None,
+                        help="int8 weight-only quantization (about 4x less weight memory, faster CPU decoding)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--random-weights", action="store_true",
                         help="build the model's shape with random weights instead of loading them "
                              "(for trying things out; the output is gibberish)")
@@ -81,14 +84,23 @@ def load_model(args: argparse.Namespace):
         raise CliError(f"--device {args.device!r} is not a device PyTorch knows (try cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda: PyTorch sees no CUDA device here")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     try:
         if args.random_weights:
             config = CodeGenConfig.from_pretrained(args.model)
             torch.manual_seed(getattr(args, "seed", None) or 0)
             model = CodeGenForCausalLM.from_config(config, dtype=_dtype(args.dtype), device=args.device).eval()
             model.name_or_path = args.model
+            if args.quantize:
+                from ..quantize import quantize_model
+
+                quantize_model(model)
         else:
-            model = CodeGenForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+            model = CodeGenForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device,
+                                                       quantize=args.quantize)
     except (CheckpointError, ModelNotFoundError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise CliError(str(exc)) from None
     try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..generation import DEFAULT_MAX_NEW_TOKENS, TextStream
+from ..generation import DEFAULT_MAX_NEW_TOKENS
 from ..tokenizer import DEFAULT_TRUNCATE_PATTERNS, truncate_before_pattern
 from .common import CliError, add_model_options, load_model, number, unescape
 
@@ -28,10 +28,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--completion-only", action="store_true", help="do not print the prompt before the completion")
+    p.add_argument("--speculative", metavar="DRAFT",
+                   help="speculative decoding: 'prompt-lookup' (guesses copied from the context) or a draft model "
+                        "sharing the vocabulary (e.g. Salesforce/codegen-350M-mono for a 6B/16B model)")
+    p.add_argument("--draft-tokens", type=number(int, 1, 16, what="must be in [1, 16]"), default=4,
+                   help="guesses checked per target pass (default 4)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engine import Engine, GenerationParams
+
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not prompt:
         raise CliError("the prompt is empty")
@@ -41,55 +48,59 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--stream prints one sample; use it without --num-samples")
     if args.stream and args.truncate:
         raise CliError("--truncate cuts whole completions; use it without --stream")
+    if args.speculative and (args.num_samples > 1 or args.stream):
+        raise CliError("--speculative generates one sample and prints it at the end; drop --num-samples/--stream")
     stops = [unescape(s) for s in args.stop]
     if any(not s for s in stops):
         raise CliError("--stop must not be empty")
     model, tokenizer = load_model(args)
-    encoded = tokenizer(prompt, return_tensors="pt")
-    if encoded.input_ids.shape[1] >= model.config.n_positions:
-        raise CliError(
-            f"the prompt is {encoded.input_ids.shape[1]} tokens; the model's context is "
-            f"{model.config.n_positions} positions"
-        )
-    streams = [TextStream(tokenizer, stops) for _ in range(args.num_samples)]
-    streamer = None
-    if args.stream:
-        if not args.completion_only:
-            sys.stdout.write(prompt)
-        def streamer(tokens):
-            sys.stdout.write(streams[0].push(int(tokens[0])))
-            sys.stdout.flush()
-
-    sampling = args.temperature > 0
-    out = model.generate(
-        encoded.input_ids,
-        attention_mask=encoded.attention_mask,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=sampling,
-        temperature=args.temperature if sampling else None,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        num_return_sequences=args.num_samples,
-        stop=stops,
-        seed=args.seed,
-        tokenizer=tokenizer,
-        streamer=streamer,
-    )
-    if args.stream:
-        sys.stdout.write(streams[0].finish() + "\n")
-        return 0
-    prompt_len = encoded.input_ids.shape[1]
-    eos = set(model.config.eos_token_ids)
-    for i, (row, stream) in enumerate(zip(out[:, prompt_len:].tolist(), streams)):
-        for token in row:
-            if token in eos or stream.stopped:
-                break
-            stream.push(token)
-        text = stream.text
-        if args.truncate:
-            text = truncate_before_pattern(text, DEFAULT_TRUNCATE_PATTERNS)
+    ids = tokenizer.encode(prompt)
+    if len(ids) >= model.config.n_positions:
+        raise CliError(f"the prompt is {len(ids)} tokens; the model's context is {model.config.n_positions} positions")
+    try:
+        params = GenerationParams(n=args.num_samples, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                  repetition_penalty=args.repetition_penalty, stop=tuple(stops), seed=args.seed)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    head = "" if args.completion_only else prompt
+    if args.speculative:
+        outputs = [_speculative(args, model, tokenizer, ids, params)]
+    else:
+        handle = Engine(model, tokenizer, max_batch=min(args.num_samples, 64)).submit(ids, params)
+        if args.stream:
+            sys.stdout.write(head)
+            for event in handle.stream():
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return 0
+        outputs = handle.result().outputs
+    for i, out in enumerate(outputs):
+        text = truncate_before_pattern(out.text, DEFAULT_TRUNCATE_PATTERNS) if args.truncate else out.text
         if args.num_samples > 1:
             print(f"===== sample {i + 1} =====")
-        print(text if args.completion_only else prompt + text)
+        print(head + text)
     return 0
+
+
+def _speculative(args: argparse.Namespace, model, tokenizer, ids, params):
+    from ..engine.speculative import SpeculativeDecoder, SpeculativeStats
+    from ..model import CodeGenForCausalLM
+
+    draft = args.speculative
+    if draft != "prompt-lookup":
+        try:
+            draft = CodeGenForCausalLM.from_pretrained(draft, dtype=model.dtype, device=model.device,
+                                                       quantize=args.quantize)
+        except (OSError, ValueError) as exc:
+            raise CliError(f"--speculative {args.speculative}: {exc}") from None
+    try:
+        decoder = SpeculativeDecoder(model, tokenizer, draft=draft, k=args.draft_tokens)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    stats = SpeculativeStats()
+    out = decoder.generate(ids, params, stats)
+    print(f"codegen-lm: speculative decoding accepted {stats.accepted}/{stats.proposed} guesses "
+          f"({stats.acceptance_rate:.0%}), {stats.tokens_per_pass:.2f} tokens per target pass", file=sys.stderr)
+    return out

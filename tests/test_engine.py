@@ -1,0 +1,273 @@
+"""The inference engine: continuous batching, shared prefill, sampling, streaming, cancellation,
+int8 quantization and speculative decoding."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from codegen_lm import CodeGenForCausalLM, CodeGenTokenizerFast
+from codegen_lm.engine import Engine, GenerationParams
+from codegen_lm.engine.speculative import SpeculativeDecoder, SpeculativeStats, prompt_lookup
+from codegen_lm.quantize import Int8Linear, quantize_model
+
+from .conftest import load_hf
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return CodeGenForCausalLM.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_checkpoint):
+    return CodeGenTokenizerFast.from_pretrained(tiny_checkpoint)
+
+
+def prompts(count: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 50000, (int(n),), generator=g).tolist()
+            for n in torch.randint(2, 20, (count,), generator=g)]
+
+
+def alone(model, prompt, params, tok=None):
+    return Engine(model, tok, max_batch=params.n).submit(prompt, params).result()
+
+
+def test_greedy_matches_transformers_and_many_requests_share_few_slots(model, tiny_checkpoint):
+    hf = load_hf(tiny_checkpoint)
+    ps = prompts(9)
+    engine = Engine(model, max_batch=3)  # far more requests than slots: they queue and take freed slots
+    params = [GenerationParams(max_new_tokens=int(n)) for n in torch.randint(1, 15, (9,))]
+    handles = [engine.submit(p, q) for p, q in zip(ps, params)]
+    for p, q, h in zip(ps, params, handles):
+        expected = hf.generate(torch.tensor([p]), max_new_tokens=q.max_new_tokens, do_sample=False,
+                               pad_token_id=50256)[0, len(p) :].tolist()
+        out = h.result().outputs[0]
+        assert out.token_ids == expected
+        assert out.finish_reason == "length"
+    assert engine.idle and engine.rows == []
+
+
+def test_seeded_sampling_does_not_depend_on_batch_company(model):
+    ps = prompts(4, seed=1)
+    params = [GenerationParams(n=n, max_new_tokens=10, temperature=t, top_p=p, top_k=k, seed=s, repetition_penalty=r)
+              for n, t, p, k, s, r in ((3, 0.8, 0.9, 0, 1, 1.0), (2, 1.2, 1.0, 50, 2, 1.3), (1, 0.0, 1.0, 0, 3, 1.0),
+                                        (4, 1.0, 0.95, 0, 4, 1.0))]
+    expected = [[o.token_ids for o in alone(model, p, q).outputs] for p, q in zip(ps, params)]
+    engine = Engine(model, max_batch=5)  # 10 samples over 5 slots, admitted in pieces
+    handles = [engine.submit(p, q) for p, q in zip(ps, params)]
+    got = [[o.token_ids for o in h.result().outputs] for h in handles]
+    assert got == expected
+    assert len({tuple(t) for t in got[0]}) > 1  # the samples of one prompt differ
+    again = [[o.token_ids for o in alone(model, p, q).outputs] for p, q in zip(ps, params)]
+    assert again == expected
+
+
+def test_samples_share_one_prefill(model, monkeypatch):
+    from codegen_lm.engine import engine as engine_module
+
+    calls = []
+    real = engine_module.forward_rows
+
+    def spy(model, cache, tokens, starts, *args, **kwargs):
+        calls.append(tuple(tokens.shape))
+        return real(model, cache, tokens, starts, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "forward_rows", spy)
+    prompt = prompts(1)[0]
+    engine = Engine(model, max_batch=4)
+    out = engine.submit(prompt, GenerationParams(n=10, max_new_tokens=3, temperature=1.0, seed=0)).result()
+    assert len(out.outputs) == 10 and all(len(o.token_ids) == 3 for o in out.outputs)
+    assert calls.count((1, len(prompt))) == 1  # one prefill for 10 samples in 3 admissions
+
+
+def test_stream_events_add_up_and_stop_strings_cut_text(model, tok):
+    prompt = tok.encode("def f(x):\n    return")
+    free = alone(model, prompt, GenerationParams(max_new_tokens=24), tok).outputs[0]
+    text = free.text
+    stop = text[5:8]
+    engine = Engine(model, tok)
+    handle = engine.submit(prompt, GenerationParams(max_new_tokens=24, stop=[stop]))
+    events = list(handle.stream())
+    out = handle.result().outputs[0]
+    assert "".join(e.text for e in events) == out.text == text[: text.index(stop)]
+    assert out.finish_reason == "stop" and events[-1].finish_reason == "stop"
+    assert [t for e in events for t in e.token_ids] == out.token_ids
+    assert out.token_ids == free.token_ids[: len(out.token_ids)]
+
+
+def test_logprobs_are_the_models(model):
+    prompt = prompts(1, seed=5)[0]
+    out = alone(model, prompt, GenerationParams(max_new_tokens=4, logprobs=3)).outputs[0]
+    ids = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        logp = model(ids).logits[0].log_softmax(-1)
+    for i, token in enumerate(out.token_ids):
+        row = logp[len(prompt) - 1 + i]
+        assert out.logprobs[i] == pytest.approx(float(row[token]), abs=1e-4)
+        top = row.topk(3)
+        assert list(out.top_logprobs[i]) == top.indices.tolist()
+        assert token == top.indices[0]  # greedy
+
+
+def test_eos_min_tokens_and_cancellation_free_slots(model):
+    prompt = prompts(1, seed=6)[0]
+    free = alone(model, prompt, GenerationParams(max_new_tokens=6)).outputs[0].token_ids
+    eos = free[2]
+    out = alone(model, prompt, GenerationParams(max_new_tokens=6, eos_token_ids=[eos])).outputs[0]
+    assert out.token_ids == free[:3] and out.finish_reason == "stop"
+    late = alone(model, prompt, GenerationParams(max_new_tokens=6, eos_token_ids=[eos], min_new_tokens=4)).outputs[0]
+    assert len(late.token_ids) >= 4 and eos not in late.token_ids[:4]
+    engine = Engine(model, max_batch=2)
+    long = engine.submit(prompt, GenerationParams(n=2, max_new_tokens=100))
+    queued = engine.submit(prompt, GenerationParams(max_new_tokens=5))
+    for _ in range(3):
+        engine.step()
+    assert len(engine.rows) == 2
+    long.cancel()
+    engine.step()
+    result = long.result()
+    assert [o.finish_reason for o in result.outputs] == ["cancelled", "cancelled"]
+    assert queued.result().outputs[0].token_ids == free[:5]  # took a freed slot, unaffected
+    assert engine.idle
+
+
+def test_background_thread_serves_concurrent_callers(model):
+    engine = Engine(model, max_batch=3)
+    engine.start()
+    try:
+        ps = prompts(6, seed=7)
+        results = [None] * 6
+
+        def call(i):
+            results[i] = engine.submit(ps[i], GenerationParams(max_new_tokens=5)).result().outputs[0].token_ids
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert results == [alone(model, p, GenerationParams(max_new_tokens=5)).outputs[0].token_ids for p in ps]
+    finally:
+        engine.stop()
+
+
+def test_bad_requests(model):
+    engine = Engine(model)
+    with pytest.raises(ValueError, match="does not fit the context of 256"):
+        engine.submit([1] * 256)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.submit([51200])
+    with pytest.raises(ValueError, match="a text prompt needs an engine with a tokenizer"):
+        engine.submit("def f():")
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        GenerationParams(n=0)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        GenerationParams(top_p=0)
+
+
+# ---- int8 -----------------------------------------------------------------------------------------
+
+
+def test_int8_quantize_save_load_round_trip(model, tiny_checkpoint, tmp_path):
+    q = CodeGenForCausalLM.from_pretrained(tiny_checkpoint, quantize="int8")
+    linears = [m for m in q.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 2 * 4 + 1 and not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    for m in linears:  # per-output-channel rounding error is at most half a step
+        assert m.weight.dtype == torch.int8 and m.weight.abs().max() <= 127
+    ref_linear = model.transformer.h[0].mlp.fc_in
+    err = (q.transformer.h[0].mlp.fc_in.dequantized() - ref_linear.weight).abs()
+    assert (err <= q.transformer.h[0].mlp.fc_in.weight_scale[:, None] / 2 + 1e-7).all()
+    ids = torch.randint(0, 50000, (2, 11))
+    with torch.no_grad():
+        a, b = model(ids).logits, q(ids).logits
+    assert ((a - b).norm() / a.norm()) < 0.05
+    q.save_pretrained(tmp_path)
+    back = CodeGenForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(back.lm_head, Int8Linear)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, b)
+        # the numba path (few rows) and the dequantizing path (many rows) agree
+        x = torch.randn(3, 64)
+        lin = back.transformer.h[1].attn.out_proj
+        assert torch.allclose(lin(x), x @ lin.dequantized().t(), atol=1e-5)
+    with torch.inference_mode():
+        assert torch.allclose(lin(x), x @ lin.dequantized().t(), atol=1e-5)
+    assert (tmp_path / "model.safetensors").stat().st_size < 0.7 * (tiny_checkpoint / "model.safetensors").stat().st_size
+
+
+def test_int8_without_numba_falls_back(model, monkeypatch):
+    from codegen_lm import kernels
+
+    q = quantize_model(CodeGenForCausalLM.from_pretrained(model.name_or_path))
+    ids = torch.randint(0, 50000, (1, 6))
+    with torch.inference_mode():
+        fast = q(ids).logits
+        monkeypatch.setattr(kernels, "HAVE_NUMBA", False)
+        slow = q(ids).logits
+    assert torch.allclose(fast, slow, atol=1e-4)
+
+
+# ---- speculative decoding -------------------------------------------------------------------------
+
+
+def test_prompt_lookup_finds_the_latest_match():
+    assert prompt_lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], k=2) == [7, 8]
+    assert prompt_lookup([5, 6, 7], k=3) == []
+    assert prompt_lookup([4, 1, 2, 4], k=3, max_ngram=2) == [1, 2, 4]
+
+
+@pytest.mark.parametrize("draft", ["prompt-lookup", "int8", "self"])
+def test_speculative_greedy_equals_plain_greedy(model, tok, draft):
+    drafts = {"prompt-lookup": "prompt-lookup", "self": model,
+              "int8": quantize_model(CodeGenForCausalLM.from_pretrained(model.name_or_path))}
+    base = prompts(1, seed=8)[0][:6]
+    for i, (prompt, params) in enumerate((
+        (base * 4, GenerationParams(max_new_tokens=40)),
+        (base, GenerationParams(max_new_tokens=25, repetition_penalty=1.3, min_new_tokens=3)),
+        (base * 2, GenerationParams(max_new_tokens=30, stop=["e"])),
+    )):
+        plain = alone(model, prompt, params, tok).outputs[0]
+        stats = SpeculativeStats()
+        spec = SpeculativeDecoder(model, tok, draft=drafts[draft], k=4).generate(prompt, params, stats)
+        assert spec.token_ids == plain.token_ids and spec.text == plain.text
+        assert spec.finish_reason == plain.finish_reason
+        if draft == "self" and i == 0:  # a perfect draft: every guess accepted, 5 tokens per pass
+            assert stats.acceptance_rate == 1.0 and stats.target_passes == 8
+
+
+def test_speculative_sampling_keeps_the_distribution():
+    """With a 16-token vocabulary, the distribution of the first three sampled tokens under
+    speculative sampling (draft: a different model) matches plain sampling."""
+    from codegen_lm import CodeGenConfig
+
+    torch.manual_seed(0)
+    config = CodeGenConfig(n_embd=32, n_layer=1, n_head=4, rotary_dim=4, vocab_size=16, eos_token_id=15,
+                           n_positions=64)
+    target = CodeGenForCausalLM(config).eval()
+    draft = CodeGenForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in [*target.parameters(), *draft.parameters()]:
+            p.mul_(8)  # peaked distributions, so that the two models disagree
+    params = dict(max_new_tokens=3, temperature=1.0, eos_token_ids=[])
+    runs = 3000
+    plain, spec = torch.zeros(16, 16, 16), torch.zeros(16, 16, 16)
+    engine = Engine(target, max_batch=50)
+    for start in range(0, runs, 50):
+        out = engine.submit([1, 2], GenerationParams(n=50, seed=start, **params)).result()
+        for o in out.outputs:
+            plain[tuple(o.token_ids)] += 1
+    decoder = SpeculativeDecoder(target, draft=draft, k=2)
+    stats = SpeculativeStats()
+    for s in range(runs):
+        o = decoder.generate([1, 2], GenerationParams(seed=10_000 + s, **params), stats)
+        spec[tuple(o.token_ids)] += 1
+    assert 0.05 < stats.acceptance_rate < 0.95
+    # total variation distance between the two empirical distributions: sampling noise only
+    tv = 0.5 * (plain / runs - spec / runs).abs().sum().item()
+    assert tv < 0.1, tv
+    first_plain, first_spec = plain.sum((1, 2)) / runs, spec.sum((1, 2)) / runs
+    assert (first_plain - first_spec).abs().max() < 0.04
