@@ -140,9 +140,10 @@ def worker(engine: str, hf_dir: str, ct2_dir: str, threads: int, repeats: int) -
         result = run_transformers(hf_dir, threads, repeats)
     else:
         result = run_ctranslate2(ct2_dir, engine.split()[-1].replace("fp32", "float32"), threads, repeats)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            result["peak_rss_bytes"] = int(line.split()[1]) * 1024
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                result["peak_rss_bytes"] = int(line.split()[1]) * 1024
     print(json.dumps(result))
 
 
