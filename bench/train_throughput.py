@@ -6,7 +6,7 @@ warm-up steps that are not timed (for the compiled engine this includes compilat
 figure is tokens / wall time, and the table shows the median over --rounds rounds. MFU divides the
 model FLOPs (training_flops_per_token) by the fp32 matmul rate measured on the same machine.
 
-    python bench/train_throughput.py [--n-embd 256 --n-layer 8 --seq-len 1024 --batch-size 8]
+    python bench/train_throughput.py [--n-embd 192 --n-layer 6 --n-head 3 --seq-len 1024 --batch-size 8]
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class TransformersLoss(torch.nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-embd", type=int, default=256)
-    parser.add_argument("--n-layer", type=int, default=8)
-    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--n-embd", type=int, default=192)
+    parser.add_argument("--n-layer", type=int, default=6)
+    parser.add_argument("--n-head", type=int, default=3)
     parser.add_argument("--rotary-dim", type=int, default=32)
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--seq-len", type=int, default=1024)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduce the default model (codegen-lm-mini) from scratch: tokenizer, data, training, export, and
-# the quality figures quoted in the README. About 75 minutes on 2 CPU cores.
+# the quality figures quoted in the README. About an hour on 2 CPU cores.
 #
 #     bash scripts/train_default_model.sh [WORKDIR]     # default runs/default-model
 #

@@ -250,9 +250,10 @@ def test_speculative_sampling_keeps_the_distribution():
                            n_positions=64)
     target = CodeGenForCausalLM(config).eval()
     draft = CodeGenForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in [*target.parameters(), *draft.parameters()]:
-            p.mul_(8)  # peaked distributions, so that the two models disagree
+    with torch.no_grad():  # the draft: the target plus noise, so that they agree only in part
+        for p, q in zip(target.parameters(), draft.parameters()):
+            p.mul_(3)
+            q.copy_(p + 0.6 * p.std() * torch.randn_like(p) if p.numel() > 1 else p)
     params = dict(max_new_tokens=3, temperature=1.0, eos_token_ids=[])
     runs = 3000
     plain, spec = torch.zeros(16, 16, 16), torch.zeros(16, 16, 16)
@@ -266,9 +267,9 @@ def test_speculative_sampling_keeps_the_distribution():
     for s in range(runs):
         o = decoder.generate([1, 2], GenerationParams(seed=10_000 + s, **params), stats)
         spec[tuple(o.token_ids)] += 1
-    assert 0.05 < stats.acceptance_rate < 0.95
-    # total variation distance between the two empirical distributions: sampling noise only
-    tv = 0.5 * (plain / runs - spec / runs).abs().sum().item()
-    assert tv < 0.1, tv
-    first_plain, first_spec = plain.sum((1, 2)) / runs, spec.sum((1, 2)) / runs
-    assert (first_plain - first_spec).abs().max() < 0.04
+    assert 0.2 < stats.acceptance_rate < 0.9, stats.acceptance_rate
+    # the marginal distribution of each position (16 outcomes): equal up to sampling noise
+    for dims in ((1, 2), (0, 2), (0, 1)):
+        a, b = plain.sum(dims) / runs, spec.sum(dims) / runs
+        tv = 0.5 * (a - b).abs().sum().item()
+        assert tv < 0.06, (dims, tv)

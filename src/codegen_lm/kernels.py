@@ -53,6 +53,18 @@ try:  # numba is optional: without it (or when disabled) every product takes the
                         acc += x[r, k] * buf[k]
                     out[r, n] = acc * s
 
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _f32_mm_numba(x, w, out):
+        """fp32 x [rows, in] @ w[out, in]^T for a few rows: one pass over the weights, two threads."""
+        rows, k_dim = x.shape
+        n_out = w.shape[0]
+        for n in numba.prange(n_out):
+            for r in range(rows):
+                acc = np.float32(0.0)
+                for k in range(k_dim):
+                    acc += x[r, k] * w[n, k]
+                out[r, n] = acc
+
     HAVE_NUMBA = True
 except Exception as exc:
     _NUMBA_ERROR = exc
@@ -85,4 +97,15 @@ def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch
     for start in range(0, w8.shape[0], _BLOCK):
         block = w8[start : start + _BLOCK].to(x.dtype) * scale[start : start + _BLOCK, None].to(x.dtype)
         out[:, start : start + _BLOCK] = x @ block.t()
+    return out
+
+
+def f32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x [rows, in] @ w [out, in]^T with the numba kernel, or None where it does not apply (then use
+    F.linear): fp32 CPU tensors, a few rows, no autograd."""
+    if not _numba_ok(x) or x.dtype != torch.float32 or w.dtype != torch.float32:
+        return None
+    out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    _f32_mm_numba(x.detach().contiguous().numpy(), w.detach().contiguous().numpy(), out.numpy())
     return out
