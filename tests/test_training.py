@@ -352,3 +352,16 @@ def test_two_processes_match_one_with_the_same_global_batch(data_dir, tmp_path, 
     # a multi-process checkpoint resumes in one process (optimizer state is keyed by parameter name)
     shutil.rmtree(multi / "final")
     assert cli_main([*train_args(data_dir, multi, steps=8, batch_size=4, dropout=0.0), "--resume"]) == 0
+
+
+def test_released_shape_by_name_gets_the_datas_eos():
+    from codegen_lm.training.loop import build_model
+
+    cfg = TrainConfig(data="unused", model="Salesforce/codegen-350M-mono", seq_len=1024)
+    model = build_model(cfg, vocab_size=700, eos_id=0)
+    assert model.num_parameters() == 356_712_448
+    assert model.config.eos_token_id == model.config.bos_token_id == 0 and model.config.vocab_size == 51200
+    with pytest.raises(ValueError, match="seq_len=4096 exceeds the model's n_positions=2048"):
+        build_model(TrainConfig(data="unused", model="Salesforce/codegen-350M-mono", seq_len=4096), 700, 0)
+    with pytest.raises(ValueError, match=r"vocabulary \(51200\) is smaller than the data's tokenizer \(60000"):
+        build_model(TrainConfig(data="unused", model="Salesforce/codegen-350M-mono"), 60000, 0)
