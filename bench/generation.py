@@ -28,7 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_LEN, NEW_TOKENS, PREFILL_LEN, SAMPLES = 128, 128, 512, 20
-ENGINES = ["codegen-lm fp32", "codegen-lm int8", "transformers fp32", "ctranslate2 fp32", "ctranslate2 int8"]
+ENGINES = ["codegen-lm fp32", "codegen-lm int8", "codegen-lm int8 speculative", "transformers fp32",
+           "ctranslate2 fp32", "ctranslate2 int8"]
 
 
 # ---- one engine, in its own process ----------------------------------------------------------------
@@ -51,7 +52,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int) -> dict:
+def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int, speculative: bool = False) -> dict:
     import torch
 
     from codegen_lm import CodeGenForCausalLM
@@ -69,6 +70,19 @@ def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int
 
     gen(prompt, 1, 4, False)  # warm-up (and numba compilation)
     gen(prompt, 2, 2, True)
+    if speculative:  # prompt lookup, batch-1 greedy only (it serves one sequence at a time)
+        from codegen_lm.engine import SpeculativeDecoder, SpeculativeStats
+
+        decoder = SpeculativeDecoder(model, draft="prompt-lookup", k=4)
+        stats = SpeculativeStats()
+
+        def spec(tokens: int) -> None:
+            decoder.generate(prompt, GenerationParams(max_new_tokens=tokens, eos_token_ids=[]),
+                             stats=stats if tokens == NEW_TOKENS else None)
+
+        spec(4)
+        return {"greedy_1_s": timed(lambda: spec(1), repeats), "greedy_n_s": timed(lambda: spec(NEW_TOKENS), repeats),
+                "acceptance_rate": stats.acceptance_rate, "tokens_per_pass": stats.tokens_per_pass}
     return {
         "prefill_s": timed(lambda: gen(long_prompt, 1, 1, False), repeats),
         "greedy_1_s": timed(lambda: gen(prompt, 1, 1, False), repeats),
@@ -136,6 +150,8 @@ def worker(engine: str, hf_dir: str, ct2_dir: str, threads: int, repeats: int) -
         result = run_codegen_lm(hf_dir, None, threads, repeats)
     elif engine == "codegen-lm int8":
         result = run_codegen_lm(hf_dir, "int8", threads, repeats)
+    elif engine == "codegen-lm int8 speculative":
+        result = run_codegen_lm(hf_dir, "int8", threads, repeats, speculative=True)
     elif engine == "transformers fp32":
         result = run_transformers(hf_dir, threads, repeats)
     else:
@@ -176,14 +192,29 @@ def build_checkpoint(shape: str, workdir: Path) -> tuple[Path, Path]:
 
 
 def summarise(raw: dict) -> dict:
-    return {
-        "prefill_512_s": raw["prefill_s"],
+    """Rates from the raw timings; a workload an engine did not run is None."""
+    out = {
+        "prefill_512_s": raw.get("prefill_s"),
         "greedy_decode_tok_s": (NEW_TOKENS - 1) / (raw["greedy_n_s"] - raw["greedy_1_s"]),
-        "samples_decode_tok_s": SAMPLES * (NEW_TOKENS - 1) / (raw["samples_n_s"] - raw["samples_1_s"]),
-        "samples_prefill_s": raw["samples_1_s"],
-        "samples_wall_s": raw["samples_n_s"],
+        "samples_decode_tok_s": None,
+        "samples_prefill_s": raw.get("samples_1_s"),
+        "samples_wall_s": raw.get("samples_n_s"),
         "peak_rss_gb": raw.get("peak_rss_bytes", 0) / 1e9,
     }
+    if "samples_n_s" in raw:
+        out["samples_decode_tok_s"] = SAMPLES * (NEW_TOKENS - 1) / (raw["samples_n_s"] - raw["samples_1_s"])
+    for key in ("acceptance_rate", "tokens_per_pass"):
+        if key in raw:
+            out[key] = raw[key]
+    return out
+
+
+def ratio(a: dict, b: dict, key: str) -> float | None:
+    return None if a[key] is None or b[key] is None else a[key] / b[key]
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def plot(results: dict, png: Path) -> None:
@@ -198,7 +229,7 @@ def plot(results: dict, png: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     names = list(results)
     for ax, (key, title) in zip(axes, metrics):
-        values = [results[n][key] for n in names]
+        values = [results[n][key] or 0.0 for n in names]
         bars = ax.barh(names, values, color=["#2b7bba" if n.startswith("codegen-lm") else "#999999" for n in names])
         ax.bar_label(bars, fmt="%.2f" if key.endswith("_s") else "%.1f", fontsize=8)
         ax.set_title(title, fontsize=10)
@@ -234,26 +265,29 @@ def main() -> None:
         results[engine] = summarise(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{engine}: {results[engine]}", file=sys.stderr)
     print(f"\ncodegen-{args.shape} shape, random fp32 weights, {args.threads} threads, medians of {args.repeats}")
-    header = f"{'engine':<20} {'greedy tok/s':>12} {SAMPLES}x{' samples tok/s':<14} {'20x wall s':>10} " \
+    header = f"{'engine':<28} {'greedy tok/s':>12} {SAMPLES}x{' samples tok/s':<14} {'20x wall s':>10} " \
              f"{'prefill512 s':>12} {'peak RSS GB':>11}"
     print(header)
     for name, r in results.items():
-        print(f"{name:<20} {r['greedy_decode_tok_s']:>12.2f} {r['samples_decode_tok_s']:>17.1f} "
-              f"{r['samples_wall_s']:>10.2f} {r['prefill_512_s']:>12.2f} {r['peak_rss_gb']:>11.2f}")
+        print(f"{name:<28} {fmt(r['greedy_decode_tok_s'], '.2f'):>12} {fmt(r['samples_decode_tok_s'], '.1f'):>17} "
+              f"{fmt(r['samples_wall_s'], '.2f'):>10} {fmt(r['prefill_512_s'], '.2f'):>12} {r['peak_rss_gb']:>11.2f}")
+        if "acceptance_rate" in r:
+            print(f"{'':<28} prompt lookup: {r['acceptance_rate']:.0%} of guesses accepted, "
+                  f"{r['tokens_per_pass']:.2f} tokens per forward pass")
     ratios = {}
     for ours in [e for e in results if e.startswith("codegen-lm")]:
         for other in [e for e in results if not e.startswith("codegen-lm")]:
             a, b = results[ours], results[other]
             ratios[f"{ours} / {other}"] = {
-                "greedy_decode": a["greedy_decode_tok_s"] / b["greedy_decode_tok_s"],
-                "samples_decode": a["samples_decode_tok_s"] / b["samples_decode_tok_s"],
-                "samples_wall_speedup": b["samples_wall_s"] / a["samples_wall_s"],
-                "prefill_speedup": b["prefill_512_s"] / a["prefill_512_s"],
+                "greedy_decode": ratio(a, b, "greedy_decode_tok_s"),
+                "samples_decode": ratio(a, b, "samples_decode_tok_s"),
+                "samples_wall_speedup": ratio(b, a, "samples_wall_s"),
+                "prefill_speedup": ratio(b, a, "prefill_512_s"),
             }
     print("\nratios (>1: codegen-lm is faster)")
     for key, r in ratios.items():
-        print(f"{key:<40} greedy {r['greedy_decode']:.2f}x  samples {r['samples_decode']:.2f}x  "
-              f"20x wall {r['samples_wall_speedup']:.2f}x  prefill {r['prefill_speedup']:.2f}x")
+        print(f"{key:<50} greedy {fmt(r['greedy_decode'], '.2f')}x  samples {fmt(r['samples_decode'], '.2f')}x  "
+              f"20x wall {fmt(r['samples_wall_speedup'], '.2f')}x  prefill {fmt(r['prefill_speedup'], '.2f')}x")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "generation.json").write_text(json.dumps(
         {"shape": args.shape, "threads": args.threads, "repeats": args.repeats, "results": results,

@@ -14,6 +14,16 @@ import transformers
 
 from codegen_lm.tokenizer.vocab import ASSETS
 
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Commands under test may call torch.set_num_threads (--threads); later tests must not inherit it
+    (a different thread count changes float reduction order, and exact-equality tests notice)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 transformers.logging.set_verbosity_error()
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..generation.stopping import Decoder, TextStream
-from ..model import CodeGenForCausalLM
+from ..model import CodeGenForCausalLM, Linear
 from .forward import forward_rows
 from .params import GenerationParams, RequestOutput, SequenceOutput, StreamEvent
 from .sampler import choose
@@ -93,6 +93,9 @@ class RequestHandle:
         self._engine.cancel(self._request.id)
 
 
+PACK_LIMIT = 2 << 30  # bytes of fp32 weights below which an engine keeps oneDNN copies by default
+
+
 class Engine:
     def __init__(
         self,
@@ -101,10 +104,22 @@ class Engine:
         max_batch: int = 16,
         max_seq_len: int | None = None,
         initial_len: int = 256,
+        pack_weights: bool | None = None,
     ) -> None:
+        """max_batch: KV slots (samples decoded together). max_seq_len: longest prompt + completion
+        (default: the model's context). pack_weights: keep a oneDNN copy of every fp32 weight on the
+        CPU, about twice as fast for batched decoding and prefill but twice the weight memory; None
+        packs when the weights take at most PACK_LIMIT bytes."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model.eval()
+        if pack_weights is None:
+            size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, Linear))
+            pack_weights = size <= PACK_LIMIT
+        if pack_weights:
+            for module in model.modules():
+                if isinstance(module, Linear):
+                    module.pack()
         self.tokenizer = tokenizer
         config = model.config
         self.max_seq_len = min(max_seq_len or config.n_positions, config.n_positions)

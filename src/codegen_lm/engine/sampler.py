@@ -10,7 +10,60 @@ from dataclasses import dataclass
 
 import torch
 
-from ..generation.sampling import SamplingParams, top_k_filter, top_p_filter
+from ..generation.sampling import SamplingParams, top_k_filter
+
+CANDIDATES = 256  # top-k/top-p look at this many most likely tokens first, at all of them only if needed
+
+
+def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> int:
+    """Index drawn with probability proportional to `weights` (1-D, >= 0): one uniform number and a
+    binary search, instead of torch.multinomial's one exponential draw per entry."""
+    cdf = weights.cumsum(0)
+    u = torch.rand((), generator=generator, device=weights.device) * cdf[-1]
+    return min(int(torch.searchsorted(cdf, u, right=True)), weights.shape[0] - 1)
+
+
+def draw(scores: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of temperature-scaled `scores` [rows, V], after top-k and top-p.
+
+    The distribution of `top_p_filter(top_k_filter(...))`, computed without sorting the vocabulary:
+    - usually on each row's few hundred most likely tokens, since the top-p nucleus of a trained model
+      almost always lies among them (which the code checks);
+    - otherwise (flat distributions, e.g. random weights or a high temperature) by drawing from the
+      whole distribution and redrawing while the token falls outside the nucleus, i.e. while the more
+      likely tokens already hold p of the mass: that is rejection sampling of the renormalised nucleus.
+    """
+    vocab = scores.shape[-1]
+    k = params.top_k if 0 < params.top_k < vocab else 0
+    p = params.top_p
+    tokens: list[int | None] = [None] * scores.shape[0]
+    if k or p < 1.0:
+        values, index = scores.topk(min(vocab, k or CANDIDATES), dim=-1)  # most likely first
+        norm = values.logsumexp(-1, keepdim=True) if k else scores.logsumexp(-1, keepdim=True)
+        probs = (values - norm).exp()
+        keep = torch.ones_like(probs, dtype=torch.bool)
+        exact = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+        if k:  # top-k keeps every token tied with the k-th: more than k of them takes the full path
+            exact &= (scores >= values[:, -1:]).sum(-1) == k
+        if p < 1.0:
+            keep = probs.cumsum(-1) - probs < p  # the mass of the more likely tokens is below p
+            exact &= probs.sum(-1) >= p  # the whole nucleus is among the candidates
+        for i, g in enumerate(generators):
+            if bool(exact[i]):
+                tokens[i] = int(index[i, _inverse_cdf(probs[i] * keep[i], g)])
+    rest = [i for i, t in enumerate(tokens) if t is None]
+    if rest:
+        x = scores[rest]
+        if k:
+            x = top_k_filter(x, k)
+        probs = x.softmax(dim=-1)
+        for j, i in enumerate(rest):
+            while True:
+                token = _inverse_cdf(probs[j], generators[i])
+                if p >= 1.0 or float(probs[j][probs[j] > probs[j, token]].sum()) < p:
+                    break
+            tokens[i] = token
+    return tokens  # type: ignore[return-value]
 
 
 @dataclass
@@ -52,9 +105,7 @@ def choose(
         if params.greedy:
             tokens = scores.argmax(dim=-1).tolist()
         else:
-            scores = top_p_filter(top_k_filter(scores / params.temperature, params.top_k), params.top_p)
-            probs = scores.softmax(dim=-1)
-            tokens = [int(torch.multinomial(probs[i], 1, generator=generators[r])) for i, r in enumerate(rows)]
+            tokens = draw(scores / params.temperature, params, [generators[r] for r in rows])
         if n_logprobs is not None:
             logp = raw.log_softmax(dim=-1)
             top = logp.topk(n_logprobs, dim=-1) if n_logprobs else None

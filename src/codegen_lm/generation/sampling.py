@@ -89,25 +89,3 @@ def process_logits(
     logits = top_k_filter(logits, params.top_k)
     return top_p_filter(logits, params.top_p)
 
-
-def pick_tokens(
-    scores: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None = None
-) -> torch.Tensor:
-    """Greedy argmax, or one draw per row from softmax(scores) with that row's own generator
-    (so a row's samples do not depend on what else is in the batch)."""
-    if params.greedy:
-        return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)
-    if generators is None:
-        return torch.multinomial(probs, 1).squeeze(1)
-    return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generators)])
-
-
-def row_generators(seed: int, rows: int, device: torch.device) -> list[torch.Generator]:
-    """One generator per row, row r seeded from (seed, r)."""
-    gens = []
-    for r in range(rows):
-        g = torch.Generator(device=device)
-        g.manual_seed((seed * 1_000_003 + r) % (2**63))
-        gens.append(g)
-    return gens
