@@ -273,3 +273,61 @@ def test_speculative_sampling_keeps_the_distribution():
         a, b = plain.sum(dims) / runs, spec.sum(dims) / runs
         tv = 0.5 * (a - b).abs().sum().item()
         assert tv < 0.06, (dims, tv)
+
+
+def test_compiled_decode_step_gives_the_eager_tokens(model):
+    ps = prompts(3, seed=7)
+    params = GenerationParams(max_new_tokens=6)
+    expected = [alone(model, p, params).outputs[0].token_ids for p in ps]
+    engine = Engine(model, max_batch=2, compile=True)
+    handles = [engine.submit(p, params) for p in ps]
+    assert [h.result().outputs[0].token_ids for h in handles] == expected
+    assert engine._decode_forward.error is None  # it really ran compiled (a C++ compiler is installed here)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(model, monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def run(*args, **kw):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    p = prompts(1, seed=8)[0]
+    params = GenerationParams(max_new_tokens=5)
+    expected = alone(model, p, params).outputs[0].token_ids
+    engine = Engine(model, compile=True)
+    with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
+        out = engine.submit(p, params).result().outputs[0].token_ids
+    assert out == expected
+
+
+def test_shared_prefix_attention_equals_plain_attention():
+    from codegen_lm.engine.slot_cache import shared_prefix_attention
+    from codegen_lm.model import attention
+
+    torch.manual_seed(0)
+    R, H, L, D, prefix = 5, 3, 12, 8, 6
+    K, V = torch.randn(R, H, L, D), torch.randn(R, H, L, D)
+    K[:, :, :prefix], V[:, :, :prefix] = K[0, :, :prefix], V[0, :, :prefix]  # rows share the prompt
+    rows = torch.tensor([4, 1, 3])  # any order, not contiguous
+    ends = torch.tensor([7, 12, 9])  # each row's own length
+    q = torch.randn(3, H, 1, D)
+    got = shared_prefix_attention(q, K, V, rows, prefix, ends)
+    for g in range(3):
+        r, n = int(rows[g]), int(ends[g])
+        expected = attention(q[g : g + 1], K[r : r + 1, :, :n], V[r : r + 1, :, :n], None, False, 0.0)
+        torch.testing.assert_close(got[g : g + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_samples_sharing_a_prompt_match_unshared_decoding(model, monkeypatch):
+    p = prompts(1, seed=9)[0]
+    params = GenerationParams(n=6, max_new_tokens=12, temperature=0.9, seed=5)
+    engine = Engine(model, max_batch=4)  # 6 samples over 4 slots: two groups of different lengths
+    shared = [o.token_ids for o in engine.submit(p, params).result().outputs]
+    from codegen_lm.engine import slot_cache
+
+    original = slot_cache.SlotCache.begin
+    monkeypatch.setattr(slot_cache.SlotCache, "begin",
+                        lambda self, rows, starts, new, first=0, shared=None: original(self, rows, starts, new, first))
+    plain = [o.token_ids for o in Engine(model, max_batch=4).submit(p, params).result().outputs]
+    assert shared == plain

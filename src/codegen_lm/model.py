@@ -123,43 +123,47 @@ class Linear(nn.Linear):
     _packed_version = -1
 
     def pack(self) -> bool:
-        """Keep a oneDNN copy of the (fp32, CPU) weight for products of many rows."""
-        from .kernels import can_pack
+        """Keep a oneDNN-packed copy of the (fp32, CPU) weight for products of many rows."""
+        from .kernels import can_pack, pack_weight
 
         if self.packed is not None and self._packed_version == self.weight._version:
             return True
         if not can_pack(self.weight):
             return False
-        with torch.no_grad():
-            self.packed = self.weight.detach().to_mkldnn()
-            self.packed_bias = self.bias.detach().to_mkldnn() if self.bias is not None else None
+        self.packed = pack_weight(self.weight)
         self._packed_version = self.weight._version
-        return True
+        return self.packed is not None
 
     def unpack(self) -> None:
-        self.packed = self.packed_bias = None
+        self.packed = None
 
     def train(self, mode: bool = True) -> Linear:
         if mode:
             self.unpack()  # weights are about to change
         return super().train(mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fast_path(self, x: torch.Tensor, activation: tuple[str, str] = ("none", "")) -> torch.Tensor | None:
+        """act(x @ W^T + b) by a kernel from kernels.py, or None where none applies (training, GPU,
+        other dtypes); the activation is only fused on the packed route, so with an activation the
+        numba route is skipped."""
         from .kernels import f32_matmul, packed_linear
 
-        if not torch.is_grad_enabled() and x.dim() and x.shape[-1]:
-            rows = x.numel() // x.shape[-1]
-            flat = x.reshape(rows, x.shape[-1])
+        if torch.is_grad_enabled() or not x.dim() or not x.shape[-1]:
+            return None
+        rows = x.numel() // x.shape[-1]
+        flat = x.reshape(rows, x.shape[-1])
+        out = None
+        if activation[0] == "none":
             out = f32_matmul(flat, self.weight)
-            if out is not None:
-                if self.bias is not None:
-                    out += self.bias
-                return out.view(*x.shape[:-1], self.out_features)
-            if self.packed is not None and self._packed_version == self.weight._version:
-                out = packed_linear(flat, self.packed, self.packed_bias)
-                if out is not None:
-                    return out.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+            if out is not None and self.bias is not None:
+                out += self.bias
+        if out is None and self.packed is not None and self._packed_version == self.weight._version:
+            out = packed_linear(flat, self.packed, self.bias, activation)
+        return None if out is None else out.view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fast_path(x)
+        return F.linear(x, self.weight, self.bias) if out is None else out
 
 
 class CodeGenAttention(nn.Module):
@@ -185,9 +189,12 @@ class CodeGenAttention(nn.Module):
         q = apply_rotary(q, cos, sin).transpose(1, 2)
         k = apply_rotary(k, cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        y = attention(q, k, v, mask, causal, self.dropout if self.training else 0.0)
+        if hasattr(cache, "attend"):  # the engine's slot cache, which may share prompt keys between rows
+            y = cache.attend(self.layer_idx, q, k, v, mask, causal)
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)
+            y = attention(q, k, v, mask, causal, self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, E))
 
 
@@ -197,9 +204,17 @@ class CodeGenMLP(nn.Module):
         self.fc_in = Linear(config.n_embd, config.inner_dim)
         self.fc_out = Linear(config.inner_dim, config.n_embd)
         self.act = _ACTIVATIONS[config.activation_function]
+        from .kernels import FUSABLE_ACTIVATIONS
+
+        self.fused_act = FUSABLE_ACTIVATIONS.get(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc_out(self.act(self.fc_in(x)))
+        h = None
+        if self.fused_act and getattr(self.fc_in, "packed", None) is not None:
+            h = self.fc_in.fast_path(x, self.fused_act)  # the activation fused into the product
+        if h is None:
+            h = self.act(self.fc_in(x))
+        return self.fc_out(h)
 
 
 class CodeGenBlock(nn.Module):

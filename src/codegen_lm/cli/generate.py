@@ -33,6 +33,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "sharing the vocabulary (e.g. Salesforce/codegen-350M-mono for a 6B/16B model)")
     p.add_argument("--draft-tokens", type=number(int, 1, 16, what="must be in [1, 16]"), default=4,
                    help="guesses checked per target pass (default 4)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (pays off for long generations; falls back to eager)")
     p.set_defaults(run=run)
 
 
@@ -67,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     if args.speculative:
         outputs = [_speculative(args, model, tokenizer, ids, params)]
     else:
-        handle = Engine(model, tokenizer, max_batch=min(args.num_samples, 64)).submit(ids, params)
+        engine = Engine(model, tokenizer, max_batch=min(args.num_samples, 64), compile=args.compile)
+        handle = engine.submit(ids, params)
         if args.stream:
             sys.stdout.write(head)
             for event in handle.stream():

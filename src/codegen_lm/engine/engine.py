@@ -23,7 +23,7 @@ import torch
 
 from ..generation.stopping import Decoder, TextStream
 from ..model import CodeGenForCausalLM, Linear
-from .forward import forward_rows
+from .forward import CompiledForward, forward_rows
 from .params import GenerationParams, RequestOutput, SequenceOutput, StreamEvent
 from .sampler import choose
 from .slot_cache import SlotCache
@@ -105,11 +105,13 @@ class Engine:
         max_seq_len: int | None = None,
         initial_len: int = 256,
         pack_weights: bool | None = None,
+        compile: bool = False,
     ) -> None:
         """max_batch: KV slots (samples decoded together). max_seq_len: longest prompt + completion
         (default: the model's context). pack_weights: keep a oneDNN copy of every fp32 weight on the
         CPU, about twice as fast for batched decoding and prefill but twice the weight memory; None
-        packs when the weights take at most PACK_LIMIT bytes."""
+        packs when the weights take at most PACK_LIMIT bytes. compile: run the decode step through
+        torch.compile (the first steps pay for compilation; falls back to eager if it fails)."""
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model.eval()
@@ -121,6 +123,7 @@ class Engine:
                 if isinstance(module, Linear):
                     module.pack()
         self.tokenizer = tokenizer
+        self._decode_forward = CompiledForward() if compile else forward_rows
         config = model.config
         self.max_seq_len = min(max_seq_len or config.n_positions, config.n_positions)
         self.max_batch = max_batch
@@ -290,7 +293,11 @@ class Engine:
     def _decode(self) -> None:
         tokens = torch.tensor([[s.pending] for s in self.rows], device=self.device)
         starts = [s.length for s in self.rows]
-        logits = forward_rows(self.model, self.cache, tokens, starts)
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(self.rows):
+            groups.setdefault(id(s.request), []).append(i)
+        shared = [(rows, len(self.rows[rows[0]].request.prompt_ids)) for rows in groups.values() if len(rows) > 1]
+        logits = self._decode_forward(self.model, self.cache, tokens, starts, shared=shared)
         for s in self.rows:
             s.length += 1
         self._pick(logits, list(self.rows))

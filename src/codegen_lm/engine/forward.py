@@ -7,6 +7,8 @@ speculative verification (a few tokens per row) with one code path.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..model import CodeGenForCausalLM
@@ -20,16 +22,18 @@ def forward_rows(
     starts: list[int],
     all_logits: bool = False,
     first_slot: int = 0,
+    shared: list[tuple[list[int], int]] | None = None,
 ) -> torch.Tensor:
     """Logits for `tokens` [rows, T]: row r holds the tokens at positions starts[r] .. starts[r]+T-1
     of the sequence in slot first_slot + r, whose first starts[r] positions are already cached.
 
     Returns the logits of every new position [rows, T, V] with all_logits, else of the last [rows, V].
+    shared: groups of rows (row indices, prompt length) holding the same prompt (see SlotCache.attend).
     """
     tf = model.transformer
     rows, T = tokens.shape
     device = tokens.device
-    length = cache.begin(rows, starts, T, first_slot)
+    length = cache.begin(rows, starts, T, first_slot, shared)
     start = torch.tensor(starts, device=device)
     positions = start[:, None] + torch.arange(T, device=device)[None]
     cos = tf.rope_cos[positions].unsqueeze(2)
@@ -47,3 +51,26 @@ def forward_rows(
     x = tf.ln_f(x if all_logits else x[:, -1:])
     logits = model.lm_head(x)
     return logits if all_logits else logits[:, -1]
+
+
+class CompiledForward:
+    """`forward_rows` through `torch.compile`, for the decode step (one token per row, so few shapes).
+
+    Compilation needs a working C++ toolchain and a supported platform; if compiling or running the
+    compiled function fails for any reason, this warns once and runs `forward_rows` eagerly from then
+    on. Re-running a failed step eagerly is safe: it writes the same keys and values to the same
+    cache positions."""
+
+    def __init__(self) -> None:
+        self._compiled = torch.compile(forward_rows, dynamic=True)
+        self.error: Exception | None = None
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        if self.error is None:
+            try:
+                return self._compiled(*args, **kwargs)
+            except Exception as exc:  # compile errors come in many types; any of them means "use eager"
+                self.error = exc
+                warnings.warn(f"torch.compile of the decode step failed ({type(exc).__name__}: {exc}); "
+                              "decoding eagerly", stacklevel=2)
+        return forward_rows(*args, **kwargs)

@@ -15,12 +15,14 @@ from ..generation.sampling import SamplingParams, top_k_filter
 CANDIDATES = 256  # top-k/top-p look at this many most likely tokens first, at all of them only if needed
 
 
-def _inverse_cdf(weights: torch.Tensor, generator: torch.Generator | None) -> int:
-    """Index drawn with probability proportional to `weights` (1-D, >= 0): one uniform number and a
-    binary search, instead of torch.multinomial's one exponential draw per entry."""
-    cdf = weights.cumsum(0)
-    u = torch.rand((), generator=generator, device=weights.device) * cdf[-1]
-    return min(int(torch.searchsorted(cdf, u, right=True)), weights.shape[0] - 1)
+def _inverse_cdf(weights: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One index per row of `weights` [rows, n] (>= 0), drawn with probability proportional to the
+    row's weights, using one uniform number from the row's own generator and a binary search (instead
+    of torch.multinomial's one exponential draw per entry)."""
+    cdf = weights.cumsum(-1)
+    u = torch.stack([torch.rand((), generator=g, device=weights.device) for g in generators])
+    index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return index.clamp_(max=weights.shape[-1] - 1)
 
 
 def draw(scores: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]) -> list[int]:
@@ -37,32 +39,36 @@ def draw(scores: torch.Tensor, params: SamplingParams, generators: list[torch.Ge
     k = params.top_k if 0 < params.top_k < vocab else 0
     p = params.top_p
     tokens: list[int | None] = [None] * scores.shape[0]
-    if k or p < 1.0:
-        values, index = scores.topk(min(vocab, k or CANDIDATES), dim=-1)  # most likely first
-        norm = values.logsumexp(-1, keepdim=True) if k else scores.logsumexp(-1, keepdim=True)
-        probs = (values - norm).exp()
-        keep = torch.ones_like(probs, dtype=torch.bool)
+    if k:
+        scores = top_k_filter(scores, k)
+    probs = scores.softmax(dim=-1)
+    if p < 1.0 or k:  # most likely candidates first: a trained model's nucleus is nearly always among them
+        values, index = probs.topk(min(vocab, k or CANDIDATES), dim=-1)
         exact = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+        keep = torch.ones_like(values, dtype=torch.bool)
         if k:  # top-k keeps every token tied with the k-th: more than k of them takes the full path
-            exact &= (scores >= values[:, -1:]).sum(-1) == k
+            exact &= (probs > 0).sum(-1) == k
         if p < 1.0:
-            keep = probs.cumsum(-1) - probs < p  # the mass of the more likely tokens is below p
-            exact &= probs.sum(-1) >= p  # the whole nucleus is among the candidates
-        for i, g in enumerate(generators):
-            if bool(exact[i]):
-                tokens[i] = int(index[i, _inverse_cdf(probs[i] * keep[i], g)])
-    rest = [i for i, t in enumerate(tokens) if t is None]
-    if rest:
-        x = scores[rest]
-        if k:
-            x = top_k_filter(x, k)
-        probs = x.softmax(dim=-1)
-        for j, i in enumerate(rest):
-            while True:
-                token = _inverse_cdf(probs[j], generators[i])
-                if p >= 1.0 or float(probs[j][probs[j] > probs[j, token]].sum()) < p:
-                    break
-            tokens[i] = token
+            keep = values.cumsum(-1) - values < p  # the mass of the more likely tokens is below p
+            exact &= values.sum(-1) >= p  # the whole nucleus is among the candidates
+        rows = exact.nonzero().flatten().tolist()
+        if rows:
+            picks = _inverse_cdf(values[rows] * keep[rows], [generators[i] for i in rows])
+            for i, j in zip(rows, index[rows].gather(1, picks[:, None])[:, 0].tolist()):
+                tokens[i] = j
+    pending = [i for i, t in enumerate(tokens) if t is None]
+    while pending:  # the whole distribution; rows whose draw fell outside the nucleus draw again
+        rows_probs = probs[pending] if len(pending) < probs.shape[0] else probs
+        picks = _inverse_cdf(rows_probs, [generators[i] for i in pending])
+        if p < 1.0:
+            chosen = rows_probs.gather(1, picks[:, None])
+            accept = (torch.where(rows_probs > chosen, rows_probs, 0.0).sum(-1) < p).tolist()
+        else:
+            accept = [True] * len(pending)
+        for i, token, ok in zip(pending, picks.tolist(), accept):
+            if ok:
+                tokens[i] = token
+        pending = [i for i, ok in zip(pending, accept) if not ok]
     return tokens  # type: ignore[return-value]
 
 
