@@ -27,6 +27,7 @@ import torch
 import codegen_lm
 from codegen_lm import CodeGenConfig, CodeGenForCausalLM, CodeGenTokenizerFast
 from codegen_lm.engine import Engine, GenerationParams, SpeculativeDecoder, SpeculativeStats
+from codegen_lm.engine.engine import pack_linears
 from codegen_lm.engine.forward import forward_rows
 from codegen_lm.engine.slot_cache import SlotCache
 
@@ -78,6 +79,7 @@ def verify_cost(shape: str, quantize: str | None, context: int = 256, repeats: i
         from codegen_lm.quantize import quantize_model
 
         quantize_model(model)
+    pack_linears(model)  # as the engine and the speculative decoder do
     c = model.config
     cache = SlotCache(c.n_layer, 1, c.n_head, c.head_dim, context + 16, torch.float32, "cpu", initial_len=context + 16)
     forward_rows(model, cache, torch.randint(0, c.vocab_size, (1, context)), [0])

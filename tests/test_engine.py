@@ -313,6 +313,12 @@ def test_shared_prefix_attention_equals_plain_attention():
     ends = torch.tensor([7, 12, 9])  # each row's own length
     q = torch.randn(3, H, 1, D)
     got = shared_prefix_attention(q, K, V, rows, prefix, ends)
+    with torch.no_grad():
+        from codegen_lm import kernels
+
+        fast = kernels.shared_prefix_attention(q, K, V, rows.tolist(), prefix, ends.tolist())
+    assert fast is not None  # numba is installed here
+    torch.testing.assert_close(fast, got, atol=1e-5, rtol=1e-5)
     for g in range(3):
         r, n = int(rows[g]), int(ends[g])
         expected = attention(q[g : g + 1], K[r : r + 1, :, :n], V[r : r + 1, :, :n], None, False, 0.0)

@@ -13,10 +13,10 @@ import warnings
 
 import torch
 
-# Measured on 2 cores (350M shapes): up to 4 rows converting in registers wins; up to 64 rows a
+# Measured on 2 cores (350M shapes): up to 8 rows converting in registers wins; up to 64 rows a
 # converted weight-row buffer shared by all rows is 2-10x faster than dequantizing for BLAS.
 SMALL_ROWS = 64  # up to this many rows the numba kernels win; above (prefill), dequantize + BLAS
-DIRECT_ROWS = 4  # up to this many rows: convert in registers; above: a converted row buffer per thread
+DIRECT_ROWS = 8  # up to this many rows: convert in registers; above: a converted row buffer per thread
 _BLOCK = 1024  # weight rows dequantized at a time on the fallback path
 
 try:  # numba is optional: without it (or when disabled) every product takes the fallback path
@@ -172,7 +172,7 @@ def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch
     return out
 
 
-F32_ROWS = 4  # fp32: up to this many rows the numba kernel beats the alternatives (measured on 2 cores)
+F32_ROWS = 1  # fp32: one row (batch-1 decoding) is where the numba kernel beats oneDNN (measured on 2 cores)
 F32_MIN_WEIGHTS = 1 << 20  # below ~4 MB of weights a product is too short to gain from a kernel launch
 
 

@@ -126,13 +126,18 @@ class Linear(nn.Linear):
         """Keep a oneDNN-packed copy of the (fp32, CPU) weight for products of many rows."""
         from .kernels import can_pack, pack_weight
 
-        if self.packed is not None and self._packed_version == self.weight._version:
+        if self.packed is not None and self._packed_version == self._weight_version():
             return True
         if not can_pack(self.weight):
             return False
         self.packed = pack_weight(self.weight)
-        self._packed_version = self.weight._version
+        self._packed_version = self._weight_version()
         return self.packed is not None
+
+    def _weight_version(self) -> int:
+        """Bumped by every in-place change of the weight, so a stale packed copy is never used
+        (inference-mode tensors keep no counter: they are taken as unchanging)."""
+        return -2 if self.weight.is_inference() else self.weight._version
 
     def unpack(self) -> None:
         self.packed = None
@@ -157,7 +162,7 @@ class Linear(nn.Linear):
             out = f32_matmul(flat, self.weight)
             if out is not None and self.bias is not None:
                 out += self.bias
-        if out is None and self.packed is not None and self._packed_version == self.weight._version:
+        if out is None and self.packed is not None and self._packed_version == self._weight_version():
             out = packed_linear(flat, self.packed, self.bias, activation)
         return None if out is None else out.view(*x.shape[:-1], self.out_features)
 

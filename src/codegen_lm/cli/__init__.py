@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import data, generate, info, tokenizer, train
+from . import data, evaluate, generate, info, tokenizer, train
 from .common import CliError, OneLineParser
 
-COMMANDS = (generate, info, data, tokenizer, train)
+COMMANDS = (generate, evaluate, info, data, tokenizer, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

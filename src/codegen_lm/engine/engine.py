@@ -96,6 +96,18 @@ class RequestHandle:
 PACK_LIMIT = 2 << 30  # bytes of fp32 weights below which an engine keeps oneDNN copies by default
 
 
+def pack_linears(model: CodeGenForCausalLM, pack: bool | None = None) -> None:
+    """Give every fp32 Linear a oneDNN-packed copy of its weight (see model.Linear); None: only when
+    the weights take at most PACK_LIMIT bytes, since the copy doubles their memory."""
+    if pack is None:
+        size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, Linear))
+        pack = size <= PACK_LIMIT
+    if pack:
+        for module in model.modules():
+            if isinstance(module, Linear):
+                module.pack()
+
+
 class Engine:
     def __init__(
         self,
@@ -115,13 +127,7 @@ class Engine:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model.eval()
-        if pack_weights is None:
-            size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, Linear))
-            pack_weights = size <= PACK_LIMIT
-        if pack_weights:
-            for module in model.modules():
-                if isinstance(module, Linear):
-                    module.pack()
+        pack_linears(model, pack_weights)
         self.tokenizer = tokenizer
         self._decode_forward = CompiledForward() if compile else forward_rows
         config = model.config

@@ -24,6 +24,7 @@ import torch
 from ..generation.sampling import top_k_filter, top_p_filter
 from ..generation.stopping import Decoder, TextStream
 from ..model import CodeGenForCausalLM
+from .engine import pack_linears
 from .forward import forward_rows
 from .params import GenerationParams, SequenceOutput
 from .sampler import penalise_seen
@@ -72,6 +73,7 @@ class SpeculativeDecoder:
         draft: CodeGenForCausalLM | str = "prompt-lookup",
         k: int = 4,
         max_ngram: int = 3,
+        pack_weights: bool | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -82,8 +84,10 @@ class SpeculativeDecoder:
                              f"target's ({model.config.vocab_size})")
         self.model, self.tokenizer, self.draft, self.k, self.max_ngram = model.eval(), tokenizer, draft, k, max_ngram
         self.max_len = model.config.n_positions
+        pack_linears(model, pack_weights)  # verification passes are several rows: the packed route
         if not isinstance(draft, str):
             self.max_len = min(self.max_len, draft.config.n_positions)
+            pack_linears(draft.eval(), pack_weights)
 
     def _cache(self, model: CodeGenForCausalLM, length: int) -> SlotCache:
         c = model.config

