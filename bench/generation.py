@@ -60,7 +60,7 @@ def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int
 
     torch.set_num_threads(threads)
     model = CodeGenForCausalLM.from_pretrained(folder, quantize=quantize)
-    engine = Engine(model, max_batch=SAMPLES, initial_len=PREFILL_LEN + 1)
+    engine = Engine(model, max_batch=SAMPLES)
     prompt, long_prompt = prompts()
 
     def gen(ids: list[int], n: int, tokens: int, sample: bool) -> None:
@@ -146,6 +146,8 @@ def run_ctranslate2(folder: str, compute_type: str, threads: int, repeats: int) 
 
 
 def worker(engine: str, hf_dir: str, ct2_dir: str, threads: int, repeats: int) -> None:
+    if engine.startswith("codegen-lm"):
+        import codegen_lm  # noqa: F401  before torch, as the command line does (see codegen_lm/__init__.py)
     if engine == "codegen-lm fp32":
         result = run_codegen_lm(hf_dir, None, threads, repeats)
     elif engine == "codegen-lm int8":

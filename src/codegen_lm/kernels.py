@@ -75,57 +75,51 @@ try:  # numba is optional: without it (or when disabled) every product takes the
                 out[r, n] = acc
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
-    def _shared_prefix_attention_numba(q, K, V, rows, prefix, ends, scale, out):
-        """q [G, H, D]; K, V [R, H, L, D]; row g is slot rows[g] and sees positions < ends[g], of which
-        the first `prefix` are read from slot rows[0] (identical in every row of the group)."""
+    def _shared_prefix_scores_numba(q, K, rows, prefix, ends, scale, scores):
+        """scores[g, h, j] = q[g, h] . K[row g, h, j] * scale for j < ends[g] (-inf after), where the
+        first `prefix` keys are read from slot rows[0] (identical in every row of the group)."""
         G, H, D = q.shape
         first = rows[0]
-        longest = 0
-        for g in range(G):
-            longest = max(longest, ends[g])
-        for h in numba.prange(H):
+        for h in numba.prange(H):  # per head: the prompt's keys stay in cache across the rows
             qh = np.empty((G, D), dtype=np.float32)
             for g in range(G):
                 for d in range(D):
                     qh[g, d] = q[g, h, d] * scale
-            scores = np.empty((G, longest), dtype=np.float32)
             for j in range(prefix):  # one prompt key against every row's query
                 for g in range(G):
                     dot = np.float32(0.0)
                     for d in range(D):
                         dot += qh[g, d] * K[first, h, j, d]
-                    scores[g, j] = dot
+                    scores[g, h, j] = dot
             for g in range(G):  # each row's own keys
                 r = rows[g]
                 for j in range(prefix, ends[g]):
                     dot = np.float32(0.0)
                     for d in range(D):
                         dot += qh[g, d] * K[r, h, j, d]
-                    scores[g, j] = dot
+                    scores[g, h, j] = dot
+                for j in range(ends[g], scores.shape[2]):
+                    scores[g, h, j] = -np.inf
+
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    def _shared_prefix_values_numba(probs, V, rows, prefix, ends, out):
+        """out[g, h] = sum over j of probs[g, h, j] * V[row g, h, j], the prompt part from rows[0]."""
+        G, H, _ = probs.shape
+        D = V.shape[3]
+        first = rows[0]
+        for h in numba.prange(H):
             acc = np.zeros((G, D), dtype=np.float32)
-            for g in range(G):
-                top = np.float32(-np.inf)
-                for j in range(ends[g]):
-                    top = max(top, scores[g, j])
-                total = np.float32(0.0)
-                for j in range(ends[g]):
-                    e = np.exp(scores[g, j] - top)
-                    scores[g, j] = e
-                    total += e
-                for j in range(ends[g]):
-                    scores[g, j] /= total
             for j in range(prefix):  # one prompt value row into every row's output
                 for g in range(G):
-                    w = scores[g, j]
+                    w = probs[g, h, j]
                     for d in range(D):
                         acc[g, d] += w * V[first, h, j, d]
             for g in range(G):
                 r = rows[g]
                 for j in range(prefix, ends[g]):
-                    w = scores[g, j]
+                    w = probs[g, h, j]
                     for d in range(D):
                         acc[g, d] += w * V[r, h, j, d]
-            for g in range(G):
                 for d in range(D):
                     out[g, h, d] = acc[g, d]
 
@@ -234,13 +228,16 @@ def shared_prefix_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, r
     call overhead in PyTorch; this kernel reads each key and value once, the shared prompt once per
     head."""
     if (not HAVE_NUMBA or q.device.type != "cpu" or q.dtype != torch.float32 or K.dtype != torch.float32
-            or torch.is_grad_enabled()):
+            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
         return None
     import numpy as np
 
-    out = torch.empty(q.shape[0], q.shape[1], q.shape[3], dtype=torch.float32)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    _shared_prefix_attention_numba(q[:, :, 0].contiguous().numpy(), K.detach().numpy(), V.detach().numpy(),
-                                   np.asarray(rows, dtype=np.int64), prefix, np.asarray(ends, dtype=np.int64),
-                                   np.float32(q.shape[-1] ** -0.5), out.numpy())
+    rows_np, ends_np = np.asarray(rows, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    scores = torch.empty(q.shape[0], q.shape[1], max(ends), dtype=torch.float32)
+    _shared_prefix_scores_numba(q[:, :, 0].contiguous().numpy(), K.detach().numpy(), rows_np, prefix, ends_np,
+                                np.float32(q.shape[-1] ** -0.5), scores.numpy())
+    probs = scores.softmax(dim=-1)  # PyTorch's vectorised exp: scalar exp in numba would cost more than the rest
+    out = torch.empty(q.shape[0], q.shape[1], q.shape[3], dtype=torch.float32)
+    _shared_prefix_values_numba(probs.numpy(), V.detach().numpy(), rows_np, prefix, ends_np, out.numpy())
     return out[:, :, None]

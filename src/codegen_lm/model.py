@@ -153,8 +153,8 @@ class Linear(nn.Linear):
         numba route is skipped."""
         from .kernels import f32_matmul, packed_linear
 
-        if torch.is_grad_enabled() or not x.dim() or not x.shape[-1]:
-            return None
+        if torch.is_grad_enabled() or not x.dim() or not x.shape[-1] or torch.compiler.is_compiling():
+            return None  # (torch.compile traces the plain F.linear: it cannot lower these calls)
         rows = x.numel() // x.shape[-1]
         flat = x.reshape(rows, x.shape[-1])
         out = None

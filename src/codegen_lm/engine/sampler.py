@@ -42,7 +42,10 @@ def draw(scores: torch.Tensor, params: SamplingParams, generators: list[torch.Ge
     if k:
         scores = top_k_filter(scores, k)
     probs = scores.softmax(dim=-1)
-    if p < 1.0 or k:  # most likely candidates first: a trained model's nucleus is nearly always among them
+    # most likely candidates first: a trained model's nucleus is nearly always among them. Without top-k,
+    # rows whose CANDIDATES most likely tokens cannot hold p of the mass (flat distributions) skip this.
+    hopeless = not k and p < 1.0 and bool((probs.amax(-1) * min(vocab, CANDIDATES) < p).all())
+    if (p < 1.0 or k) and not hopeless:
         values, index = probs.topk(min(vocab, k or CANDIDATES), dim=-1)
         exact = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
         keep = torch.ones_like(values, dtype=torch.bool)
