@@ -10,9 +10,10 @@ count, on three workloads:
 - 20 samples of one prompt (temperature 0.8, top-p 0.95), 128 new tokens each: the pass@k workload.
 
 Decode rates exclude the prefill: (tokens - 1) / (time for N tokens - time for 1 token), with both
-times medians of --repeats runs. The 20-sample wall time includes everything.
+times medians over --rounds rounds, each of which runs every engine in turn (so that drifts in the
+machine's speed hit all engines alike). The 20-sample wall time includes everything.
 
-    python bench/generation.py [--shape 350M] [--repeats 3] [--engines ...] [--out bench/results]
+    python bench/generation.py [--shape 350M] [--rounds 3] [--engines ...] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ def main() -> None:
     parser.add_argument("--shape", default="350M", choices=["350M", "2B", "6B", "16B"])
     parser.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all engines (medians across them)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed repeats of each workload within a round")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/codegen-bench"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--worker", nargs=3, metavar=("ENGINE", "HF_DIR", "CT2_DIR"), help=argparse.SUPPRESS)
@@ -255,18 +257,28 @@ def main() -> None:
         worker(*args.worker, args.threads, args.repeats)
         return
     hf_dir, ct2_dir = build_checkpoint(args.shape, args.workdir)
-    results = {}
+    # Rounds of every engine in turn: the machine's memory bandwidth drifts over minutes (a shared host),
+    # so each engine's runs are spread over the whole benchmark instead of one stretch of it.
+    raw: dict[str, list[dict]] = {engine: [] for engine in args.engines}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    for engine in args.engines:
-        out = subprocess.run([sys.executable, __file__, "--worker", engine, str(hf_dir), str(ct2_dir),
-                              "--threads", str(args.threads), "--repeats", str(args.repeats)],
-                             capture_output=True, text=True, env=env)
-        if out.returncode != 0:
-            print(f"{engine}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
-            continue
-        results[engine] = summarise(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{engine}: {results[engine]}", file=sys.stderr)
-    print(f"\ncodegen-{args.shape} shape, random fp32 weights, {args.threads} threads, medians of {args.repeats}")
+    for round_index in range(args.rounds):
+        for engine in args.engines:
+            out = subprocess.run([sys.executable, __file__, "--worker", engine, str(hf_dir), str(ct2_dir),
+                                  "--threads", str(args.threads), "--repeats", str(args.repeats)],
+                                 capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                print(f"{engine}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+                continue
+            raw[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"round {round_index + 1} {engine}: {summarise(raw[engine][-1])}", file=sys.stderr)
+    results = {}
+    for engine, runs in raw.items():
+        if runs:
+            merged = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+            merged["peak_rss_bytes"] = max(r.get("peak_rss_bytes", 0) for r in runs)
+            results[engine] = summarise(merged)
+    print(f"\ncodegen-{args.shape} shape, random fp32 weights, {args.threads} threads, medians of {args.rounds} "
+          f"rounds x {args.repeats} repeats")
     header = f"{'engine':<28} {'greedy tok/s':>12} {SAMPLES}x{' samples tok/s':<14} {'20x wall s':>10} " \
              f"{'prefill512 s':>12} {'peak RSS GB':>11}"
     print(header)
@@ -292,7 +304,8 @@ def main() -> None:
               f"20x wall {fmt(r['samples_wall_speedup'], '.2f')}x  prefill {fmt(r['prefill_speedup'], '.2f')}x")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "generation.json").write_text(json.dumps(
-        {"shape": args.shape, "threads": args.threads, "repeats": args.repeats, "results": results,
+        {"shape": args.shape, "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats, "raw": raw,
+         "results": results,
          "ratios": ratios}, indent=2) + "\n")
     plot(results, args.out / "generation.png")
     print(f"wrote {args.out / 'generation.json'} and {args.out / 'generation.png'}")

@@ -219,16 +219,21 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
         return None
 
 
+def can_attend(q: torch.Tensor, K: torch.Tensor) -> bool:
+    """Whether shared_prefix_attention can run here: numba, fp32 CPU tensors, no autograd, not tracing."""
+    return (HAVE_NUMBA and q.device.type == "cpu" and q.dtype == torch.float32 and K.dtype == torch.float32
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+
 def shared_prefix_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, rows: list[int], prefix: int,
                             ends: list[int]) -> torch.Tensor | None:
-    """Decode-step attention (one query per row) with the numba kernel, or None where it does not
-    apply (then the caller uses PyTorch): fp32 CPU tensors, no autograd.
+    """Decode-step attention (one query per row) with the numba kernels, or None where they do not
+    apply (see can_attend; then the caller uses PyTorch). prefix 0: rows share nothing.
 
     q [G, H, 1, D]; K, V [R, H, L, D]. Batched GEMVs over a few hundred (row, head) pairs are mostly
     call overhead in PyTorch; this kernel reads each key and value once, the shared prompt once per
     head."""
-    if (not HAVE_NUMBA or q.device.type != "cpu" or q.dtype != torch.float32 or K.dtype != torch.float32
-            or torch.is_grad_enabled() or torch.compiler.is_compiling()):
+    if not can_attend(q, K):
         return None
     import numpy as np
 

@@ -102,22 +102,24 @@ class SlotCache:
 
     def attend(self, layer: int, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        """Store the new keys/values and attend: `attention(q, K, V, mask, causal)`, except that rows
-        of a shared group read their common prompt once."""
+        """Store the new keys/values and attend: `attention(q, K, V, mask, causal)`, except that in a
+        decode step the rows of a shared group read their common prompt once. (Rows on their own stay
+        with SDPA, which is faster than the kernel for a single query.)"""
         K, V = self.update(layer, key, value)
         if not self._shared or q.dtype != torch.float32:
             return attention(q, K, V, mask, causal, 0.0)
+        fast = kernels.can_attend(q, K)
         out = torch.empty_like(q)
         grouped = torch.zeros(q.shape[0], dtype=torch.bool)
         for rows, prefix in self._shared:
             # rows of one request usually sit in consecutive slots: then slices, not gathers
             index = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(rows)
-            y = kernels.shared_prefix_attention(q[index], self.keys[layer], self.values[layer],
-                                                [self._first + r for r in rows], prefix,
-                                                [self._starts_list[r] + 1 for r in rows])
-            if y is None:  # no numba (or not fp32 on a CPU): the same computation in PyTorch
-                y = shared_prefix_attention(q[index], K, V, index, prefix, self._starts[index] + 1)
-            out[index] = y
+            if fast:
+                out[index] = kernels.shared_prefix_attention(q[index], self.keys[layer], self.values[layer],
+                                                             [self._first + r for r in rows], prefix,
+                                                             [self._starts_list[r] + 1 for r in rows])
+            else:  # the same computation in PyTorch
+                out[index] = shared_prefix_attention(q[index], K, V, index, prefix, self._starts[index] + 1)
             grouped[index] = True
         rest = (~grouped).nonzero().flatten()
         if len(rest):
