@@ -69,8 +69,9 @@ def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int
                                   temperature=0.8 if sample else 0.0, top_p=0.95 if sample else 1.0, seed=0)
         engine.submit(ids, params).result()
 
-    gen(prompt, 1, 4, False)  # warm-up (and numba compilation)
+    gen(prompt, 1, 4, False)  # warm-up (numba compilation, kernel selection, cache sizes): steady state is timed
     gen(prompt, 2, 2, True)
+    gen(long_prompt, 1, 1, False)
     if speculative:  # prompt lookup, batch-1 greedy only (it serves one sequence at a time)
         from codegen_lm.engine import SpeculativeDecoder, SpeculativeStats
 
@@ -109,7 +110,9 @@ def run_transformers(folder: str, threads: int, repeats: int) -> dict:
             model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=tokens, min_new_tokens=tokens,
                            pad_token_id=50256, **kwargs)
 
-    gen(prompt, 1, 4, False)
+    gen(prompt, 1, 4, False)  # warm-up, as for every engine
+    gen(prompt, 2, 2, True)
+    gen(long_prompt, 1, 1, False)
     return {
         "prefill_s": timed(lambda: gen(long_prompt, 1, 1, False), repeats),
         "greedy_1_s": timed(lambda: gen(prompt, 1, 1, False), repeats),
@@ -136,7 +139,9 @@ def run_ctranslate2(folder: str, compute_type: str, threads: int, repeats: int) 
         generator.generate_batch(batch, max_length=tokens, min_length=tokens, include_prompt_in_result=False,
                                  **kwargs)
 
-    gen(prompt, 1, 4, False)
+    gen(prompt, 1, 4, False)  # warm-up, as for every engine
+    gen(prompt, 2, 2, True)
+    gen(long_prompt, 1, 1, False)
     return {
         "prefill_s": timed(lambda: gen(long_prompt, 1, 1, False), repeats),
         "greedy_1_s": timed(lambda: gen(prompt, 1, 1, False), repeats),
