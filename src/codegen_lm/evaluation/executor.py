@@ -107,6 +107,14 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return bar, update
 
 
+def _run_all(wrapped: list[str], timeout: float, workers: int | None, progress: bool, desc: str,
+             options: dict[str, Any]) -> list[ExecutionResult]:
+    """Run wrapped programs on a sandbox sized for them, with a progress bar."""
+    bar, update = _progress_bar(len(wrapped), desc, progress)
+    with bar, Sandbox(min(workers or default_workers(), len(wrapped)), timeout=timeout, **options) as sandbox:
+        return sandbox.run_many(wrapped, progress=update)
+
+
 def run_checks(programs: Sequence[str], timeout: float = 3.0, workers: int | None = None, progress: bool = True,
                desc: str = "executing", **sandbox_options: Any) -> list[str]:
     """The reference harness's result string for each program (in input order)."""
@@ -115,9 +123,7 @@ def run_checks(programs: Sequence[str], timeout: float = 3.0, workers: int | Non
     nonce = secrets.token_hex(8)
     wrapped = [humaneval_wrapper(p, nonce) for p in programs]
     options = {"recursion_limit": HUMANEVAL_RECURSION_LIMIT + 100, **sandbox_options}
-    bar, update = _progress_bar(len(programs), desc, progress)
-    with bar, Sandbox(min(workers or default_workers(), len(programs)), timeout=timeout, **options) as sandbox:
-        results = sandbox.run_many(wrapped, progress=update)
+    results = _run_all(wrapped, timeout, workers, progress, desc, options)
     outcomes = []
     for result in results:
         found, value = _parse_report(result, nonce)
@@ -138,9 +144,7 @@ def run_probes(programs: Sequence[str], timeout: float = 20.0, workers: int | No
         return []
     nonce = secrets.token_hex(8)
     wrapped = [_channel(nonce) + p for p in programs]
-    bar, update = _progress_bar(len(programs), desc, progress)
-    with bar, Sandbox(min(workers or default_workers(), len(programs)), timeout=timeout, **sandbox_options) as sandbox:
-        results = sandbox.run_many(wrapped, progress=update)
+    results = _run_all(wrapped, timeout, workers, progress, desc, sandbox_options)
     out = []
     for result in results:
         found, value = _parse_report(result, nonce)

@@ -8,6 +8,7 @@ so results can be cross-checked with `evaluate_functional_correctness` line by l
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from collections import Counter, defaultdict
@@ -53,7 +54,7 @@ def read_samples(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"samples file not found: {path}")
     rows = []
-    opener = __import__("gzip").open if path.suffix == ".gz" else open
+    opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
