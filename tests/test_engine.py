@@ -337,3 +337,54 @@ def test_samples_sharing_a_prompt_match_unshared_decoding(model, monkeypatch):
                         lambda self, rows, starts, new, first=0, shared=None: original(self, rows, starts, new, first))
     plain = [o.token_ids for o in Engine(model, max_batch=4).submit(p, params).result().outputs]
     assert shared == plain
+
+
+def test_one_row_decode_kernel_equals_the_blocks(small_checkpoint, monkeypatch):
+    """decode_kernel runs a whole block per call for batch-1 decoding: same logits and cache
+    contents as the model's own blocks, on every small shape (partial and full rotary, an inner
+    size that is not 4x, erf GELU which the kernel leaves to the blocks)."""
+    from codegen_lm import decode_kernel
+    from codegen_lm.engine import forward
+    from codegen_lm.engine.slot_cache import SlotCache
+
+    folder, shape = small_checkpoint
+    model = CodeGenForCausalLM.from_pretrained(folder).eval()
+    cfg = model.config
+    with torch.inference_mode():
+        assert decode_kernel.can_run(model, torch.float32) == (shape != "erf-gelu")
+        if shape == "erf-gelu":
+            return
+        assert not decode_kernel.can_run(model, torch.bfloat16)
+        ids = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
+        caches = [SlotCache(cfg.n_layer, 3, cfg.n_head, cfg.head_dim, 64, torch.float32, initial_len=16)
+                  for _ in range(2)]  # the decode crosses a capacity doubling
+        for cache in caches:
+            forward.forward_rows(model, cache, ids[:, :10], [0], first_slot=2)
+        for t in range(10, 24):
+            fused = forward.decode_one(model, caches[0], int(ids[0, t]), t, 2)
+            with monkeypatch.context() as m:
+                m.setattr(decode_kernel, "can_run", lambda *a: False)
+                plain = forward.forward_rows(model, caches[1], ids[:, t : t + 1], [t], first_slot=2)
+            torch.testing.assert_close(fused, plain, atol=2e-5, rtol=1e-5)
+        for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+            torch.testing.assert_close(a[:, :, :24], b[:, :, :24], atol=2e-5, rtol=1e-5)
+    # and the engine's batch-1 greedy (which takes the kernel) still equals transformers token for token
+    hf = load_hf(folder)
+    p = ids[0, :12].tolist()
+    expected = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 12:].tolist()
+    assert Engine(model, max_batch=1).submit(p, GenerationParams(max_new_tokens=16, eos_token_ids=[])).result(
+        ).outputs[0].token_ids == expected
+
+
+def test_one_row_decode_kernel_declines_what_it_cannot_compute(model):
+    from codegen_lm import decode_kernel
+
+    with torch.inference_mode():
+        assert decode_kernel.can_run(model, torch.float32)
+        assert not decode_kernel.can_run(quantize_model(CodeGenForCausalLM.from_config(model.config)), torch.float32)
+        model.train()
+        try:
+            assert not decode_kernel.can_run(model, torch.float32)
+        finally:
+            model.eval()
+    assert not decode_kernel.can_run(model, torch.float32)  # autograd on
