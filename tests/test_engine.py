@@ -302,27 +302,44 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(model, monkeypatch):
 
 
 def test_shared_prefix_attention_equals_plain_attention():
+    """The decode-step attention kernels (groups of rows sharing a prompt, rows on their own, rows of
+    different lengths, rotary + cache write) and the PyTorch fallback all equal plain attention."""
+    import numpy as np
+
+    from codegen_lm import kernels
     from codegen_lm.engine.slot_cache import shared_prefix_attention
-    from codegen_lm.model import attention
+    from codegen_lm.model import apply_rotary, attention
 
     torch.manual_seed(0)
-    R, H, L, D, prefix = 5, 3, 12, 8, 6
-    K, V = torch.randn(R, H, L, D), torch.randn(R, H, L, D)
-    K[:, :, :prefix], V[:, :, :prefix] = K[0, :, :prefix], V[0, :, :prefix]  # rows share the prompt
-    rows = torch.tensor([4, 1, 3])  # any order, not contiguous
-    ends = torch.tensor([7, 12, 9])  # each row's own length
-    q = torch.randn(3, H, 1, D)
-    got = shared_prefix_attention(q, K, V, rows, prefix, ends)
+    S, H, L, D, prefix = 7, 3, 12, 8, 6
+    K, V = torch.randn(S, H, L, D), torch.randn(S, H, L, D)
+    K[:, :, :prefix], V[:, :, :prefix] = K[0, :, :prefix], V[0, :, :prefix]  # slots share the prompt
+    slots = np.array([4, 1, 3, 5, 6])  # rows 0-2 are one group (any slots, any order); rows 3, 4 on their own
+    ends = np.array([7, 12, 9, 3, 11])  # each row's own length
+    q = torch.randn(5, H, 1, D)
+    rows = torch.tensor([0, 1, 2])
+    got = shared_prefix_attention(q[rows], K, V, torch.tensor(slots[:3]), prefix, torch.tensor(ends[:3]))
     with torch.no_grad():
-        from codegen_lm import kernels
+        fast = kernels.rows_attention(q[:, :, 0] * D**-0.5, K, V, slots, ends, np.array([prefix] * 3 + [0, 0]),
+                                      [(rows, 4, prefix)])
+    fast = fast.view(5, H, 1, D)
+    torch.testing.assert_close(fast[:3], got, atol=1e-5, rtol=1e-5)
+    for r in range(5):
+        s, n = int(slots[r]), int(ends[r])
+        expected = attention(q[r : r + 1], K[s : s + 1, :, :n], V[s : s + 1, :, :n], None, False, 0.0)
+        torch.testing.assert_close(fast[r : r + 1], expected, atol=1e-5, rtol=1e-5)
 
-        fast = kernels.shared_prefix_attention(q, K, V, rows.tolist(), prefix, ends.tolist())
-    assert fast is not None  # numba is installed here
-    torch.testing.assert_close(fast, got, atol=1e-5, rtol=1e-5)
-    for g in range(3):
-        r, n = int(rows[g]), int(ends[g])
-        expected = attention(q[g : g + 1], K[r : r + 1, :, :n], V[r : r + 1, :, :n], None, False, 0.0)
-        torch.testing.assert_close(got[g : g + 1], expected, atol=1e-5, rtol=1e-5)
+    # rotary_store: the model's rotary on q and k of a q/k/v product, k and v into the right cache cells
+    qkv, cos, sin = torch.randn(2, 3 * H * D), torch.randn(2, 3), torch.randn(2, 3)  # rotary over 6 of 8 dims
+    K2, V2 = K.clone(), V.clone()
+    with torch.no_grad():
+        q2 = kernels.rotary_store(qkv, cos, sin, K2, V2, np.array([2, 5]), np.array([4, 9]))
+    qr, kr, vr = qkv.view(2, 3, H, D).unbind(1)
+    torch.testing.assert_close(q2, apply_rotary(qr, cos[:, None], sin[:, None]) * D**-0.5)
+    torch.testing.assert_close(K2[[2, 5], :, [4, 9]], apply_rotary(kr, cos[:, None], sin[:, None]))
+    torch.testing.assert_close(V2[[2, 5], :, [4, 9]], vr)
+    K2[[2, 5], :, [4, 9]], V2[[2, 5], :, [4, 9]] = K[[2, 5], :, [4, 9]], V[[2, 5], :, [4, 9]]
+    assert torch.equal(K2, K) and torch.equal(V2, V)  # nothing else written
 
 
 def test_samples_sharing_a_prompt_match_unshared_decoding(model, monkeypatch):
@@ -344,7 +361,7 @@ def test_one_row_decode_kernel_equals_the_blocks(small_checkpoint, monkeypatch):
     contents as the model's own blocks, on every small shape (partial and full rotary, an inner
     size that is not 4x, erf GELU which the kernel leaves to the blocks)."""
     from codegen_lm import decode_kernel
-    from codegen_lm.engine import forward
+    from codegen_lm.engine import decode, forward
     from codegen_lm.engine.slot_cache import SlotCache
 
     folder, shape = small_checkpoint
@@ -361,7 +378,7 @@ def test_one_row_decode_kernel_equals_the_blocks(small_checkpoint, monkeypatch):
         for cache in caches:
             forward.forward_rows(model, cache, ids[:, :10], [0], first_slot=2)
         for t in range(10, 24):
-            fused = forward.decode_one(model, caches[0], int(ids[0, t]), t, 2)
+            fused = decode.decode_one(model, caches[0], int(ids[0, t]), t, 2)
             with monkeypatch.context() as m:
                 m.setattr(decode_kernel, "can_run", lambda *a: False)
                 plain = forward.forward_rows(model, caches[1], ids[:, t : t + 1], [t], first_slot=2)
@@ -388,3 +405,44 @@ def test_one_row_decode_kernel_declines_what_it_cannot_compute(model):
         finally:
             model.eval()
     assert not decode_kernel.can_run(model, torch.float32)  # autograd on
+
+
+def test_batched_decode_shortcut_equals_the_blocks(small_checkpoint, monkeypatch):
+    """decode.decode_rows (packed products, attention kernels) gives the logits and cache contents of
+    the model's own blocks: rows of different lengths, a group sharing a prompt in slots that are
+    not consecutive, a row on its own."""
+    from codegen_lm.engine import decode, forward
+    from codegen_lm.engine.engine import pack_linears
+    from codegen_lm.engine.slot_cache import SlotCache
+
+    folder, _ = small_checkpoint
+    model = CodeGenForCausalLM.from_pretrained(folder).eval()
+    cfg = model.config
+    with torch.inference_mode():
+        assert not decode.can_decode_rows(model, torch.float32)  # no packed weights yet
+        pack_linears(model, True)
+        assert decode.can_decode_rows(model, torch.float32)
+        g = torch.Generator().manual_seed(4)
+        prompt = torch.randint(0, cfg.vocab_size, (1, 9), generator=g)
+        other = torch.randint(0, cfg.vocab_size, (1, 5), generator=g)
+        caches = [SlotCache(cfg.n_layer, 4, cfg.n_head, cfg.head_dim, 64, torch.float32, initial_len=16)
+                  for _ in range(2)]
+        for cache in caches:  # rows 0 and 2 hold the prompt (slots 1 and 3), row 1 another (slot 2)
+            forward.forward_rows(model, cache, prompt, [0], first_slot=1)
+            cache.copy_slot(1, 3, 9)
+            forward.forward_rows(model, cache, other, [0], first_slot=2)
+        starts, shared = [9, 5, 9], [([0, 2], 9)]
+        for _ in range(10):  # crosses the cache's capacity doubling at 16
+            tokens = torch.randint(0, cfg.vocab_size, (3, 1), generator=g)
+            fast = decode.decode_rows(model, caches[0], tokens, starts, 1, shared)
+            with monkeypatch.context() as m:
+                m.setattr(forward, "decode_step", lambda *a: None)
+                plain = forward.forward_rows(model, caches[1], tokens, starts, first_slot=1, shared=shared)
+            torch.testing.assert_close(fast, plain, atol=2e-5, rtol=1e-5)
+            starts = [s + 1 for s in starts]
+        for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+            torch.testing.assert_close(a[1:4, :, :19], b[1:4, :, :19], atol=2e-5, rtol=1e-5)
+    with torch.no_grad():
+        model.lm_head.weight.add_(1.0)  # an in-place change of a weight makes its packed copy stale
+    with torch.inference_mode():
+        assert not decode.can_decode_rows(model, torch.float32)

@@ -54,7 +54,8 @@ def rotary_table(n_positions: int, rotary_dim: int) -> tuple[torch.Tensor, torch
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first 2*cos.shape[-1] dims of each head of `x` [B, T, H, D], in fp32.
+    """Rotate the first 2*cos.shape[-1] dims of each head of `x` [..., D] (e.g. [B, T, H, D] with cos
+    and sin [B, T, 1, rotary/2]), in fp32.
 
     With the de-interleaved layout the pair (2i, 2i+1) of the original lives at (i, r/2 + i).
     """
@@ -134,6 +135,12 @@ class Linear(nn.Linear):
         self._packed_version = self._weight_version()
         return self.packed is not None
 
+    def packed_weight(self) -> torch.Tensor | None:
+        """The oneDNN-packed copy of the weight if there is one and it is current, else None."""
+        if self.packed is not None and self._packed_version == self._weight_version():
+            return self.packed
+        return None
+
     def _weight_version(self) -> int:
         """Bumped by every in-place change of the weight, so a stale packed copy is never used
         (inference-mode tensors keep no counter: they are taken as unchanging)."""
@@ -162,8 +169,9 @@ class Linear(nn.Linear):
             out = f32_matmul(flat, self.weight)
             if out is not None and self.bias is not None:
                 out += self.bias
-        if out is None and self.packed is not None and self._packed_version == self._weight_version():
-            out = packed_linear(flat, self.packed, self.bias, activation)
+        packed = self.packed_weight() if out is None else None
+        if packed is not None:
+            out = packed_linear(flat, packed, self.bias, activation)
         return None if out is None else out.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,10 +198,9 @@ class CodeGenAttention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, E = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).unbind(2)
-        q = apply_rotary(q, cos, sin).transpose(1, 2)
-        k = apply_rotary(k, cos, sin).transpose(1, 2)
-        v = v.transpose(1, 2)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+        q, k = apply_rotary(qkv[:, :, :2], cos[:, :, None], sin[:, :, None]).transpose(1, 3).unbind(2)
+        v = qkv[:, :, 2].transpose(1, 2)
         if hasattr(cache, "attend"):  # the engine's slot cache, which may share prompt keys between rows
             y = cache.attend(self.layer_idx, q, k, v, mask, causal)
         else:

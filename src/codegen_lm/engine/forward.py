@@ -11,8 +11,8 @@ import warnings
 
 import torch
 
-from .. import decode_kernel
 from ..model import CodeGenForCausalLM
+from .decode import decode_step
 from .slot_cache import SlotCache
 
 
@@ -33,8 +33,10 @@ def forward_rows(
     """
     tf = model.transformer
     rows, T = tokens.shape
-    if rows == 1 and T == 1 and not all_logits and decode_kernel.can_run(model, cache.dtype):
-        return decode_one(model, cache, int(tokens[0, 0]), starts[0], first_slot)
+    if T == 1 and not all_logits:  # a decode step: the shortcuts of decode.py where they apply
+        logits = decode_step(model, cache, tokens, starts, first_slot, shared)
+        if logits is not None:
+            return logits
     device = tokens.device
     length = cache.begin(rows, starts, T, first_slot, shared)
     start = torch.tensor(starts, device=device)
@@ -54,18 +56,6 @@ def forward_rows(
     x = tf.ln_f(x if all_logits else x[:, -1:])
     logits = model.lm_head(x)
     return logits if all_logits else logits[:, -1]
-
-
-def decode_one(model: CodeGenForCausalLM, cache: SlotCache, token: int, position: int, slot: int) -> torch.Tensor:
-    """forward_rows for one token of one sequence, each block one compiled call (decode_kernel.py):
-    the logits [1, V]."""
-    tf = model.transformer
-    cache.begin(1, [position], 1, slot)
-    x = tf.wte.weight[token].detach().clone()
-    cos, sin = tf.rope_cos[position], tf.rope_sin[position]
-    for layer, block in enumerate(tf.h):
-        x = decode_kernel.block_step(block, x, cos, sin, cache.keys[layer][slot], cache.values[layer][slot], position)
-    return model.lm_head(tf.ln_f(x[None]))
 
 
 class CompiledForward:

@@ -14,6 +14,7 @@ step's attention traffic.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import kernels
@@ -45,6 +46,7 @@ class SlotCache:
         self._starts: torch.Tensor | None = None
         self._starts_list: list[int] = []
         self._new = 0
+        self._plan: tuple | None = None
 
     @property
     def capacity(self) -> int:
@@ -79,6 +81,7 @@ class SlotCache:
         self._first, self._rows, self._starts_list, self._new = first_slot, rows, list(starts), new_tokens
         self._starts = torch.tensor(starts, device=self.device)
         self._length = length
+        self._plan = None
         return length
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,29 +105,47 @@ class SlotCache:
 
     def attend(self, layer: int, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-        """Store the new keys/values and attend: `attention(q, K, V, mask, causal)`, except that in a
-        decode step the rows of a shared group read their common prompt once. (Rows on their own stay
-        with SDPA, which is faster than the kernel for a single query.)"""
+        """Store the new keys/values and attend: `attention(q, K, V, mask, causal)`, except in a
+        decode step of several rows, where the numba kernels read each row's own positions only and
+        the rows of a shared group read their common prompt once (kernels.rows_attention). A single
+        row stays with SDPA, which is faster for one query."""
+        plan = self.decode_plan() if self._new == 1 and self._rows > 1 else None
+        if plan is not None and kernels.can_attend(q, key):
+            slots, starts, ends, prefix, groups = plan
+            kernels.write_rows(key[:, :, 0], value[:, :, 0], self.keys[layer], self.values[layer], slots, starts)
+            out = kernels.rows_attention(q[:, :, 0] * q.shape[-1] ** -0.5, self.keys[layer], self.values[layer],
+                                         slots, ends, prefix, groups)
+            return out.view(q.shape[0], 1, q.shape[1], q.shape[3]).transpose(1, 2)
         K, V = self.update(layer, key, value)
         if not self._shared or q.dtype != torch.float32:
             return attention(q, K, V, mask, causal, 0.0)
-        fast = kernels.can_attend(q, K)
-        out = torch.empty_like(q)
+        out = torch.empty_like(q)  # no kernels: shared groups through the PyTorch version, other rows SDPA
         grouped = torch.zeros(q.shape[0], dtype=torch.bool)
         for rows, prefix in self._shared:
-            # rows of one request usually sit in consecutive slots: then slices, not gathers
-            index = slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else torch.tensor(rows)
-            if fast:
-                out[index] = kernels.shared_prefix_attention(q[index], self.keys[layer], self.values[layer],
-                                                             [self._first + r for r in rows], prefix,
-                                                             [self._starts_list[r] + 1 for r in rows])
-            else:  # the same computation in PyTorch
-                out[index] = shared_prefix_attention(q[index], K, V, index, prefix, self._starts[index] + 1)
+            index = torch.tensor(rows)
+            out[index] = shared_prefix_attention(q[index], K, V, index, prefix, self._starts[index] + 1)
             grouped[index] = True
         rest = (~grouped).nonzero().flatten()
         if len(rest):
             out[rest] = attention(q[rest], K[rest], V[rest], None if mask is None else mask[rest], causal, 0.0)
         return out
+
+    def decode_plan(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list]:
+        """For a decode step, what the kernels need, worked out once per step rather than per layer:
+        each row's slot, position, attended length and shared prompt length (0 outside groups), and the
+        groups as (rows, slot holding their prompt, prompt length), rows a slice where consecutive."""
+        if self._plan is None:
+            slots = np.arange(self._first, self._first + self._rows, dtype=np.int64)
+            starts = np.array(self._starts_list, dtype=np.int64)
+            prefix = np.zeros(self._rows, dtype=np.int64)
+            groups = []
+            for rows, length in self._shared:
+                consecutive = rows == list(range(rows[0], rows[-1] + 1))
+                groups.append((slice(rows[0], rows[-1] + 1) if consecutive else torch.tensor(rows),
+                               self._first + rows[0], length))
+                prefix[rows] = length
+            self._plan = (slots, starts, starts + 1, prefix, groups)
+        return self._plan
 
     def copy_slot(self, src: int, dst: int | slice, length: int) -> None:
         """Give slot(s) `dst` the first `length` positions of slot `src`: the samples of one prompt
