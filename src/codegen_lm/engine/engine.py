@@ -317,8 +317,7 @@ class Engine:
             group[0].append(i)
         banned = [sorted(s.request.eos) if s.generated < s.request.params.min_new_tokens else [] for s in samples]
         rows = torch.tensor([s.row for s in samples], device=self.device)
-        choices = choose(logits, list(groups.values()), [s.generator for s in samples],
-                         self.seen.index_select(0, rows), banned)
+        choices = choose(logits, list(groups.values()), [s.generator for s in samples], self.seen, banned, rows)
         for s, choice in zip(samples, choices):
             token = choice.token
             s.pending = token

@@ -10,17 +10,22 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..generation.sampling import SamplingParams, top_k_filter
 
 CANDIDATES = 256  # top-k/top-p look at this many most likely tokens first, at all of them only if needed
 
 
-def _inverse_cdf(weights: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+    """One uniform number per row, each from the row's own generator."""
+    return torch.stack([torch.rand((), generator=g, device=device) for g in generators])
+
+
+def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """One index per row of `weights` [rows, n] (>= 0), drawn with probability proportional to the
-    row's weights, using one uniform number from the row's own generator and a binary search (instead
-    of torch.multinomial's one exponential draw per entry)."""
+    row's weights from the row's uniform number u (a binary search instead of torch.multinomial's one
+    exponential draw per entry)."""
     cdf = weights.cumsum(-1)
-    u = torch.stack([torch.rand((), generator=g, device=weights.device) for g in generators])
     index = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     return index.clamp_(max=weights.shape[-1] - 1)
 
@@ -56,19 +61,24 @@ def draw(scores: torch.Tensor, params: SamplingParams, generators: list[torch.Ge
             exact &= values.sum(-1) >= p  # the whole nucleus is among the candidates
         rows = exact.nonzero().flatten().tolist()
         if rows:
-            picks = _inverse_cdf(values[rows] * keep[rows], [generators[i] for i in rows])
+            picks = _inverse_cdf(values[rows] * keep[rows], _uniforms([generators[i] for i in rows], probs.device))
             for i, j in zip(rows, index[rows].gather(1, picks[:, None])[:, 0].tolist()):
                 tokens[i] = j
     pending = [i for i, t in enumerate(tokens) if t is None]
     while pending:  # the whole distribution; rows whose draw fell outside the nucleus draw again
         rows_probs = probs[pending] if len(pending) < probs.shape[0] else probs
-        picks = _inverse_cdf(rows_probs, [generators[i] for i in pending])
-        if p < 1.0:
-            chosen = rows_probs.gather(1, picks[:, None])
-            accept = (torch.where(rows_probs > chosen, rows_probs, 0.0).sum(-1) < p).tolist()
+        u = _uniforms([generators[i] for i in pending], probs.device)
+        fast = kernels.draw_rows(rows_probs, u, p)
+        if fast is not None:  # the same draw and test in one pass per row
+            picks, accept = fast
         else:
+            index = _inverse_cdf(rows_probs, u)
             accept = [True] * len(pending)
-        for i, token, ok in zip(pending, picks.tolist(), accept):
+            if p < 1.0:
+                chosen = rows_probs.gather(1, index[:, None])
+                accept = (torch.where(rows_probs > chosen, rows_probs, 0.0).sum(-1) < p).tolist()
+            picks = index.tolist()
+        for i, token, ok in zip(pending, picks, accept):
             if ok:
                 tokens[i] = token
         pending = [i for i, ok in zip(pending, accept) if not ok]
@@ -96,21 +106,31 @@ def choose(
     generators: list[torch.Generator | None],
     seen: torch.Tensor,
     banned: list[list[int]],
+    seen_rows: torch.Tensor | None = None,
 ) -> list[RowChoice]:
     """The next token of each row of `logits` [rows, V].
 
     groups: (row indices, their sampling settings, logprobs to report or None).
-    generators[r]: row r's generator (None: the global one). seen: [rows, V] bitmap for the repetition
-    penalty. banned[r]: token ids row r may not pick now (eos before min_new_tokens).
+    generators[r]: row r's generator (None: the global one). seen: bitmap of the tokens each row has
+    seen, for the repetition penalty: row r's is seen[seen_rows[r]] (seen[r] without seen_rows).
+    banned[r]: token ids row r may not pick now (eos before min_new_tokens).
     """
     out: list[RowChoice | None] = [None] * logits.shape[0]
     for rows, params, n_logprobs in groups:
         index = torch.tensor(rows, device=logits.device)
-        raw = logits.index_select(0, index).float()
-        scores = penalise_seen(raw, seen.index_select(0, index), params.repetition_penalty)
-        for i, r in enumerate(rows):
-            if banned[r]:
-                scores[i, banned[r]] = float("-inf")
+        # (a copy only where needed: these are [rows, vocab] tensors, a few MB each)
+        everything = rows == list(range(logits.shape[0]))
+        raw = (logits if everything else logits.index_select(0, index)).float()
+        scores = raw
+        if params.repetition_penalty != 1.0:
+            seen_index = index if seen_rows is None else seen_rows.index_select(0, index)
+            scores = penalise_seen(raw, seen.index_select(0, seen_index), params.repetition_penalty)
+        if any(banned[r] for r in rows):
+            if scores is raw:  # raw (maybe the caller's logits) stays intact, for logprobs
+                scores = raw.clone()
+            for i, r in enumerate(rows):
+                if banned[r]:
+                    scores[i, banned[r]] = float("-inf")
         if params.greedy:
             tokens = scores.argmax(dim=-1).tolist()
         else:
