@@ -13,7 +13,7 @@ Decode rates exclude the prefill: (tokens - 1) / (time for N tokens - time for 1
 times medians over --rounds rounds, each of which runs every engine in turn (so that drifts in the
 machine's speed hit all engines alike). The 20-sample wall time includes everything.
 
-    python bench/generation.py [--shape 350M] [--rounds 3] [--engines ...] [--out bench/results]
+    python bench/generation.py [--shape 350M] [--rounds 5] [--engines ...] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def main() -> None:
     parser.add_argument("--shape", default="350M", choices=["350M", "2B", "6B", "16B"])
     parser.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all engines (medians across them)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over all engines (medians across them)")
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats of each workload within a round")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/codegen-bench"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")

@@ -440,8 +440,20 @@ def test_batched_decode_shortcut_equals_the_blocks(small_checkpoint, monkeypatch
                 plain = forward.forward_rows(model, caches[1], tokens, starts, first_slot=1, shared=shared)
             torch.testing.assert_close(fast, plain, atol=2e-5, rtol=1e-5)
             starts = [s + 1 for s in starts]
+        # a few tokens per row (speculative verification): two rows of 3, then one row of 4
+        for rows, first, T in ((2, 1, 3), (1, 3, 4)):
+            tokens = torch.randint(0, cfg.vocab_size, (rows, T), generator=g)
+            at = starts[first - 1 : first - 1 + rows]
+            fast = decode.decode_step(model, caches[0], tokens, at, first, all_logits=True)
+            assert fast is not None and fast.shape == (rows, T, cfg.vocab_size)
+            with monkeypatch.context() as m:
+                m.setattr(forward, "decode_step", lambda *a: None)
+                plain = forward.forward_rows(model, caches[1], tokens, at, all_logits=True, first_slot=first)
+            torch.testing.assert_close(fast, plain, atol=2e-5, rtol=1e-5)
+            for r in range(rows):
+                starts[first - 1 + r] += T
         for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
-            torch.testing.assert_close(a[1:4, :, :19], b[1:4, :, :19], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(a[1:4, :, :23], b[1:4, :, :23], atol=2e-5, rtol=1e-5)
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)  # an in-place change of a weight makes its packed copy stale
     with torch.inference_mode():

@@ -1,19 +1,21 @@
-"""Decode steps (one new token per running row) without PyTorch's per-module dispatch, on the CPU.
+"""Decode steps (a few new tokens per running row) without PyTorch's per-module dispatch, on the CPU.
 
 The model's blocks (model.py) cost ~40 small PyTorch calls per layer around the four products;
 at decode time those calls, not arithmetic, take 10-20% of a step. Two shortcuts with the same maths:
 
-- one row (batch-1 decoding): each block is one numba call (decode_kernel.py);
-- several rows: per layer one LayerNorm, the four products through their oneDNN-packed weights
-  (GELU and the residual adds fused into them), and two numba kernels for rotary + cache write and
-  for attention over each row's slot, a shared prompt read once per group (kernels.rows_attention).
+- one token of one row (batch-1 decoding): each block is one numba call (decode_kernel.py);
+- several rows, or a few tokens of one row (speculative verification): per layer one LayerNorm, the
+  four products through their oneDNN-packed weights (GELU and the residual adds fused into them), and
+  two numba kernels, for rotary + cache write and for attention over each row's slot with a shared
+  prompt read once per group (kernels.rows_attention).
 
-`decode_step` returns None where neither applies (GPU, bf16/fp16, int8, unpacked weights, autograd,
-torch.compile tracing, no numba); the engine then runs the model's own blocks.
+`decode_step` returns None where neither applies (prefill-sized inputs, GPU, bf16/fp16, int8, unpacked
+weights, autograd, torch.compile tracing, no numba); the engine then runs the model's own blocks.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,17 +24,22 @@ from ..kernels import FUSABLE_ACTIVATIONS
 from ..model import CodeGenForCausalLM, Linear
 from .slot_cache import SlotCache
 
+MAX_NEW = 16  # new tokens per row up to which decode_rows runs (decode steps, speculative verification)
+
 
 def decode_step(model: CodeGenForCausalLM, cache: SlotCache, tokens: torch.Tensor, starts: list[int],
-                first_slot: int = 0, shared: list[tuple[list[int], int]] | None = None) -> torch.Tensor | None:
-    """Logits [rows, V] for tokens [rows, 1] (see forward.forward_rows), or None where no shortcut applies."""
-    rows = tokens.shape[0]
-    if tokens.shape[1] != 1 or tokens.device.type != "cpu":
+                first_slot: int = 0, shared: list[tuple[list[int], int]] | None = None,
+                all_logits: bool = False) -> torch.Tensor | None:
+    """forward.forward_rows for a few new tokens per row (decode steps, speculative verification), or
+    None where no shortcut applies (then the model's blocks run)."""
+    rows, T = tokens.shape
+    if T > MAX_NEW or tokens.device.type != "cpu":
         return None
-    if rows == 1 and decode_kernel.can_run(model, cache.dtype):
-        return decode_one(model, cache, int(tokens[0, 0]), starts[0], first_slot)
-    if rows > 1 and can_decode_rows(model, cache.dtype):
-        return decode_rows(model, cache, tokens, starts, first_slot, shared)
+    if rows == 1 and T == 1 and decode_kernel.can_run(model, cache.dtype):
+        logits = decode_one(model, cache, int(tokens[0, 0]), starts[0], first_slot)
+        return logits[:, None] if all_logits else logits
+    if can_decode_rows(model, cache.dtype):
+        return decode_rows(model, cache, tokens, starts, first_slot, shared, all_logits)
     return None
 
 
@@ -63,17 +70,26 @@ def can_decode_rows(model: CodeGenForCausalLM, cache_dtype: torch.dtype) -> bool
 
 
 def decode_rows(model: CodeGenForCausalLM, cache: SlotCache, tokens: torch.Tensor, starts: list[int],
-                first_slot: int = 0, shared: list[tuple[list[int], int]] | None = None) -> torch.Tensor:
-    """One token for each of several rows (row r continues slot first_slot + r at position starts[r]):
-    the logits [rows, V]. Callers check can_decode_rows first."""
+                first_slot: int = 0, shared: list[tuple[list[int], int]] | None = None,
+                all_logits: bool = False) -> torch.Tensor:
+    """New tokens [rows, T] for several rows, or a few for one (row r continues slot first_slot + r at
+    position starts[r]): the logits [rows, V] of each row's last token, [rows, T, V] with all_logits.
+    The T tokens of a row go through as T rows of one slot, each seeing the positions up to its own.
+    Callers check can_decode_rows first."""
     tf = model.transformer
     linear = torch.ops.mkldnn._linear_pointwise
     act, algorithm = FUSABLE_ACTIVATIONS[model.config.activation_function]
-    cache.begin(tokens.shape[0], starts, 1, first_slot, shared)
-    slots, positions, ends, prefix, groups = cache.decode_plan()
+    rows, T = tokens.shape
+    cache.begin(rows, starts, T, first_slot, shared)
+    if T == 1:
+        slots, positions, ends, prefix, groups = cache.decode_plan()
+    else:
+        slots = np.repeat(np.arange(first_slot, first_slot + rows, dtype=np.int64), T)
+        positions = (np.asarray(starts, dtype=np.int64)[:, None] + np.arange(T, dtype=np.int64)).ravel()
+        ends, prefix, groups = positions + 1, np.zeros_like(positions), []
     at = torch.from_numpy(positions)
     cos, sin = tf.rope_cos[at], tf.rope_sin[at]
-    x = tf.wte.weight[tokens[:, 0]]
+    x = tf.wte.weight[tokens.reshape(-1)]
     width = (x.shape[1],)
     for layer, block in enumerate(tf.h):
         attn, mlp, ln = block.attn, block.mlp, block.ln_1
@@ -85,5 +101,7 @@ def decode_rows(model: CodeGenForCausalLM, cache: SlotCache, tokens: torch.Tenso
         a = kernels.rows_attention(q, K, V, slots, ends, prefix, groups)
         x = linear.binary(m, x, mlp.fc_out.packed_weight(), mlp.fc_out.bias, "add")  # x + fc_out(m)
         x = linear.binary(a, x, attn.out_proj.packed_weight(), None, "add")  # ... + out_proj(attention)
-    x = F.layer_norm(x, width, tf.ln_f.weight, tf.ln_f.bias, tf.ln_f.eps)
-    return linear(x, model.lm_head.packed_weight(), model.lm_head.bias, "none", [], "")
+    x = x.view(rows, T, -1) if all_logits else x.view(rows, T, -1)[:, -1]
+    x = F.layer_norm(x.reshape(-1, width[0]), width, tf.ln_f.weight, tf.ln_f.bias, tf.ln_f.eps)
+    logits = linear(x, model.lm_head.packed_weight(), model.lm_head.bias, "none", [], "")
+    return logits.view(rows, T, -1) if all_logits else logits

@@ -2,7 +2,8 @@
 
 This is the model's own blocks (model.py) driven with per-row positions and a per-row mask, which
 covers prefill (one row from position 0), decode (one token per row, rows of different lengths) and
-speculative verification (a few tokens per row) with one code path.
+speculative verification (a few tokens per row) with one code path. Decode steps on the CPU first try
+the shortcuts of decode.py (the same maths in far fewer calls).
 """
 
 from __future__ import annotations
@@ -33,10 +34,9 @@ def forward_rows(
     """
     tf = model.transformer
     rows, T = tokens.shape
-    if T == 1 and not all_logits:  # a decode step: the shortcuts of decode.py where they apply
-        logits = decode_step(model, cache, tokens, starts, first_slot, shared)
-        if logits is not None:
-            return logits
+    logits = decode_step(model, cache, tokens, starts, first_slot, shared, all_logits)  # shortcuts, if any apply
+    if logits is not None:
+        return logits
     device = tokens.device
     length = cache.begin(rows, starts, T, first_slot, shared)
     start = torch.tensor(starts, device=device)
