@@ -486,3 +486,23 @@ def test_engine_draw_follows_the_top_p_distribution(shape, kernel, monkeypatch):
     for part in order[expected[order] > 0].tensor_split(8):
         p = float(expected[part].sum())
         assert abs(float(counts[part].sum()) / n - p) < 5 * (p * (1 - p) / n) ** 0.5
+
+
+def test_every_decode_path_gives_the_same_samples(tiny_checkpoint, monkeypatch):
+    """Seeded samples of one prompt over fewer slots than samples (groups of different lengths), through
+    the batched shortcut (packed weights), the model's blocks with the attention kernels (no packed
+    weights), and plain PyTorch (numba disabled): the same tokens."""
+    from codegen_lm import kernels
+
+    p = prompts(1, seed=9)[0]
+    params = GenerationParams(n=6, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=5)
+
+    def sample(**engine_args):
+        model = CodeGenForCausalLM.from_pretrained(tiny_checkpoint)
+        return [o.token_ids for o in Engine(model, max_batch=4, **engine_args).submit(p, params).result().outputs]
+
+    shortcut = sample()
+    blocks = sample(pack_weights=False)
+    monkeypatch.setattr(kernels, "HAVE_NUMBA", False)
+    plain = sample(pack_weights=False)
+    assert shortcut == blocks == plain

@@ -284,7 +284,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def can_attend(q: torch.Tensor, K: torch.Tensor) -> bool:
-    """Whether shared_prefix_attention can run here: numba, fp32 CPU tensors, no autograd, not tracing."""
+    """Whether the decode-step kernels (rotary_store, write_rows, rows_attention) can run here: numba,
+    fp32 CPU tensors, no autograd, not tracing."""
     return (HAVE_NUMBA and q.device.type == "cpu" and q.dtype == torch.float32 and K.dtype == torch.float32
             and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 

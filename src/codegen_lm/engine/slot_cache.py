@@ -164,7 +164,7 @@ def shared_prefix_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, r
     q [G, H, 1, D]; K, V [R, H, L, D] with the group's rows at `rows`; row g attends to positions
     0 .. ends[g]-1 (`rows` is a slice or an index tensor). The prompt part is one [H, G, D] x
     [H, D, prefix] product against the first row's copy; the rest (each row's own tokens) is read per
-    row; one softmax over both parts. kernels.shared_prefix_attention is the faster numba version."""
+    row; one softmax over both parts. kernels.rows_attention is the faster numba version."""
     scale = q.shape[-1] ** -0.5
     longest = int(ends.max())
     first = rows.start if isinstance(rows, slice) else int(rows[0])
