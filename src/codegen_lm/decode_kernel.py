@@ -111,7 +111,8 @@ GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the activation the
 
 def can_run(model: torch.nn.Module, cache_dtype: torch.dtype) -> bool:
     """Whether `block_step` computes this model's blocks: numba, fp32 weights and cache on the CPU,
-    plain (not quantized) Linears, a tanh-GELU MLP, inference (no autograd, dropout off, not tracing)."""
+    plain (not quantized) Linears, a tanh-GELU MLP with biases (as CodeGen's), inference (no autograd,
+    dropout off, not tracing)."""
     from .model import Linear
 
     if (not kernels.HAVE_NUMBA or torch.is_grad_enabled() or torch.compiler.is_compiling() or model.training
@@ -119,8 +120,8 @@ def can_run(model: torch.nn.Module, cache_dtype: torch.dtype) -> bool:
         return False
     block = model.transformer.h[0]
     linears = (block.attn.qkv, block.attn.out_proj, block.mlp.fc_in, block.mlp.fc_out)
-    return all(type(lin) is Linear and lin.weight.dtype == torch.float32 and lin.weight.device.type == "cpu"
-               for lin in linears)
+    return (all(type(lin) is Linear and lin.weight.dtype == torch.float32 and lin.weight.device.type == "cpu"
+                for lin in linears) and block.mlp.fc_in.bias is not None and block.mlp.fc_out.bias is not None)
 
 
 def block_step(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, K: torch.Tensor,
@@ -129,16 +130,11 @@ def block_step(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: 
     K, V [heads, capacity, head_dim] (one slot of the cache; positions before `pos` already filled).
     cos, sin: the rotary table rows for `pos`. Callers check `can_run` first."""
     attn, mlp = block.attn, block.mlp
-    zeros = None
-    if mlp.fc_in.bias is None or mlp.fc_out.bias is None:
-        zeros = torch.zeros(max(mlp.fc_in.out_features, mlp.fc_out.out_features))
-    b_in = mlp.fc_in.bias if mlp.fc_in.bias is not None else zeros[: mlp.fc_in.out_features]
-    b_out = mlp.fc_out.bias if mlp.fc_out.bias is not None else zeros[: mlp.fc_out.out_features]
     out = torch.empty_like(x)
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    _block_numba(x.numpy(), block.ln_1.weight.detach().numpy(), block.ln_1.bias.detach().numpy(),
-                 block.ln_1.eps, attn.qkv.weight.detach().numpy(), mlp.fc_in.weight.detach().numpy(),
-                 b_in.detach().numpy(), attn.out_proj.weight.detach().numpy(), mlp.fc_out.weight.detach().numpy(),
-                 b_out.detach().numpy(), cos.numpy(), sin.numpy(), K.numpy(), V.numpy(), pos, attn.n_head,
-                 out.numpy())
+    arrays = [t.detach().numpy() for t in (block.ln_1.weight, block.ln_1.bias, attn.qkv.weight, mlp.fc_in.weight,
+                                            mlp.fc_in.bias, attn.out_proj.weight, mlp.fc_out.weight, mlp.fc_out.bias)]
+    ln_w, ln_b, w_qkv, w_in, b_in, w_o, w_out, b_out = arrays
+    _block_numba(x.numpy(), ln_w, ln_b, block.ln_1.eps, w_qkv, w_in, b_in, w_o, w_out, b_out, cos.numpy(),
+                 sin.numpy(), K.numpy(), V.numpy(), pos, attn.n_head, out.numpy())
     return out
