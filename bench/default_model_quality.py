@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import math
 import re
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_json
 from signature_prompts import PROMPTS
 
 from codegen_lm import CodeGenForCausalLM, CodeGenTokenizerFast
@@ -96,9 +96,7 @@ def main() -> None:
                   completions=results)
     print(f"ast.parse accepts {passed}/{len(PROMPTS)} completions ({100 * passed / len(PROMPTS):.0f}%); "
           f"{generated / seconds:.0f} tokens/s generated (50 prompts batched)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

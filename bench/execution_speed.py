@@ -19,6 +19,8 @@ import statistics
 import time
 from pathlib import Path
 
+from report import write_json
+
 from codegen_lm.evaluation import humaneval
 from codegen_lm.evaluation.executor import default_workers
 
@@ -96,9 +98,7 @@ def main() -> None:
     print(f"{name:<28} {result['codegen_lm_s']:>8.1f} "
           f"{count / result['codegen_lm_s']:>10.0f}")
     print(f"speed-up: {result['speedup']:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

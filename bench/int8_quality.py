@@ -16,7 +16,6 @@ Without --data, the held-out text is this package's own source code (never seen 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import write_json
 from signature_prompts import PROMPTS
 
 import codegen_lm
@@ -110,9 +110,7 @@ def main() -> None:
     print(f"free-running greedy, {gr['prompts']} prompts x {gr['tokens_each']} tokens: {gr['token_agreement']:.2%} "
           f"of positions agree, {gr['identical_completions']}/{gr['prompts']} completions identical, "
           f"mean common prefix {gr['mean_common_prefix_tokens']:.1f} tokens")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

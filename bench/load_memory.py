@@ -21,6 +21,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from report import write_json
+
 REPO = Path(__file__).resolve().parents[1]
 
 MEASURE = textwrap.dedent('''
@@ -114,9 +116,7 @@ def main() -> None:
         ratio = theirs["peak_after_use_over_weights"] / ours["peak_after_use_over_weights"]
         print(f"{fmt}: transformers/codegen-lm peak after use {ratio:.2f}x, "
               f"load time {theirs['seconds'] / ours['seconds']:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"weights": "350M-shaped, random", "runs": args.runs, "results": rows}, indent=2))
-    print(f"wrote {args.out}")
+    write_json(args.out, {"weights": "350M-shaped, random", "runs": args.runs, "results": rows})
 
 
 if __name__ == "__main__":

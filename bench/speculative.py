@@ -16,13 +16,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from report import write_json
 
 import codegen_lm
 from codegen_lm import CodeGenConfig, CodeGenForCausalLM, CodeGenTokenizerFast
@@ -123,9 +123,7 @@ def main() -> None:
         for row in result["verify_cost"]:
             print(f"{row['weights']:<8}" + "".join(f"{v:>8.2f}" for v in row["relative_cost"].values())
                   + f"   (n=1: {row['seconds']['1'] * 1e3:.0f} ms)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

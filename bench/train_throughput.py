@@ -12,7 +12,6 @@ model FLOPs (training_flops_per_token) by the fp32 matmul rate measured on the s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
+from report import write_json
 
 from codegen_lm import CodeGenConfig, CodeGenForCausalLM
 from codegen_lm.checkpoint import hf_state_dict
@@ -101,11 +101,9 @@ def main() -> None:
         rows.append({"engine": name, "tokens_per_s": median, "rounds": values, "mfu": median * flops / peak,
                      "ratio_vs_transformers": median / base})
         print(f"{name:<24} {median:>9.0f} {median * flops / peak:>6.1%} {median / base:>15.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"config": shape, "batch_size": args.batch_size, "seq_len": args.seq_len,
+    write_json(args.out, {"config": shape, "batch_size": args.batch_size, "seq_len": args.seq_len,
                                     "threads": args.threads, "matmul_peak_flops": peak,
-                                    "flops_per_token": flops, "results": rows}, indent=2) + "\n")
-    print(f"wrote {args.out}")
+                                    "flops_per_token": flops, "results": rows})
 
 
 if __name__ == "__main__":
