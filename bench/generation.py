@@ -29,8 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_LEN, NEW_TOKENS, PREFILL_LEN, SAMPLES = 128, 128, 512, 20
-ENGINES = ["codegen-lm fp32", "codegen-lm int8", "codegen-lm int8 speculative", "transformers fp32",
-           "ctranslate2 fp32", "ctranslate2 int8"]
+ENGINES = ["codegen-lm fp32", "codegen-lm int8", "codegen-lm int8 speculative", "codegen-lm bf16",
+           "transformers fp32", "ctranslate2 fp32", "ctranslate2 int8"]
+BASELINE = " (baseline)"  # suffix of the engines run from --baseline's source tree
 
 
 # ---- one engine, in its own process ----------------------------------------------------------------
@@ -44,6 +45,13 @@ def prompts(vocab: int = 50000) -> tuple[list[int], list[int]]:
             torch.randint(0, vocab, (PREFILL_LEN,), generator=g).tolist())
 
 
+def cpu_name() -> str:
+    """The CPU model and its wide-vector / matrix features (this machine kind changes CPU between boots)."""
+    from report import cpu_description
+
+    return cpu_description()
+
+
 def timed(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -53,15 +61,20 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int, speculative: bool = False) -> dict:
+def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int, speculative: bool = False,
+                   dtype: str | None = None) -> dict:
     import torch
 
     from codegen_lm import CodeGenForCausalLM
     from codegen_lm.engine import Engine, GenerationParams
 
     torch.set_num_threads(threads)
-    model = CodeGenForCausalLM.from_pretrained(folder, quantize=quantize)
-    engine = Engine(model, max_batch=SAMPLES)
+    model = CodeGenForCausalLM.from_pretrained(folder, quantize=quantize, dtype=dtype)
+    try:  # the prefix cache off: repeated prompts would hit it, and the competitors have none
+        engine = Engine(model, max_batch=SAMPLES, prefix_cache_mb=0,
+                        speculative="prompt-lookup" if speculative else None)
+    except TypeError:  # a --baseline checkout from before the prefix cache (and engine speculation)
+        engine = Engine(model, max_batch=SAMPLES)
     prompt, long_prompt = prompts()
 
     def gen(ids: list[int], n: int, tokens: int, sample: bool) -> None:
@@ -72,19 +85,15 @@ def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int
     gen(prompt, 1, 4, False)  # warm-up (numba compilation, kernel selection, cache sizes): steady state is timed
     gen(prompt, 2, 2, True)
     gen(long_prompt, 1, 1, False)
-    if speculative:  # prompt lookup, batch-1 greedy only (it serves one sequence at a time)
-        from codegen_lm.engine import SpeculativeDecoder, SpeculativeStats
-
-        decoder = SpeculativeDecoder(model, draft="prompt-lookup", k=4)
-        stats = SpeculativeStats()
-
-        def spec(tokens: int) -> None:
-            decoder.generate(prompt, GenerationParams(max_new_tokens=tokens, eos_token_ids=[]),
-                             stats=stats if tokens == NEW_TOKENS else None)
-
-        spec(4)
-        return {"greedy_1_s": timed(lambda: spec(1), repeats), "greedy_n_s": timed(lambda: spec(NEW_TOKENS), repeats),
-                "acceptance_rate": stats.acceptance_rate, "tokens_per_pass": stats.tokens_per_pass}
+    if speculative:  # prompt lookup, batch-1 greedy
+        before = engine.stats().speculative
+        result = {"greedy_1_s": timed(lambda: gen(prompt, 1, 1, False), repeats),
+                  "greedy_n_s": timed(lambda: gen(prompt, 1, NEW_TOKENS, False), repeats)}
+        after = engine.stats().speculative
+        passes = after.passes - before.passes
+        result["acceptance_rate"] = (after.accepted - before.accepted) / max(1, after.proposed - before.proposed)
+        result["tokens_per_pass"] = (after.accepted - before.accepted + passes) / max(1, passes)
+        return result
     return {
         "prefill_s": timed(lambda: gen(long_prompt, 1, 1, False), repeats),
         "greedy_1_s": timed(lambda: gen(prompt, 1, 1, False), repeats),
@@ -152,18 +161,21 @@ def run_ctranslate2(folder: str, compute_type: str, threads: int, repeats: int) 
 
 
 def worker(engine: str, hf_dir: str, ct2_dir: str, threads: int, repeats: int) -> None:
-    if engine.startswith("codegen-lm"):
+    name = engine.removesuffix(BASELINE)
+    if name.startswith("codegen-lm"):
         import codegen_lm  # noqa: F401  before torch, as the command line does (see codegen_lm/__init__.py)
-    if engine == "codegen-lm fp32":
+    if name == "codegen-lm fp32":
         result = run_codegen_lm(hf_dir, None, threads, repeats)
-    elif engine == "codegen-lm int8":
+    elif name == "codegen-lm int8":
         result = run_codegen_lm(hf_dir, "int8", threads, repeats)
-    elif engine == "codegen-lm int8 speculative":
+    elif name == "codegen-lm int8 speculative":
         result = run_codegen_lm(hf_dir, "int8", threads, repeats, speculative=True)
-    elif engine == "transformers fp32":
+    elif name == "codegen-lm bf16":
+        result = run_codegen_lm(hf_dir, None, threads, repeats, dtype="bfloat16")
+    elif name == "transformers fp32":
         result = run_transformers(hf_dir, threads, repeats)
     else:
-        result = run_ctranslate2(ct2_dir, engine.split()[-1].replace("fp32", "float32"), threads, repeats)
+        result = run_ctranslate2(ct2_dir, name.split()[-1].replace("fp32", "float32"), threads, repeats)
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM"):
@@ -256,6 +268,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats of each workload within a round")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/codegen-bench"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--baseline", type=Path, metavar="SRC",
+                        help="also run the codegen-lm fp32 and int8 engines from this source tree (e.g. the src/ of a "
+                             "git worktree of the previous commit), side by side in the same rounds")
     parser.add_argument("--worker", nargs=3, metavar=("ENGINE", "HF_DIR", "CT2_DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -264,13 +279,17 @@ def main() -> None:
     hf_dir, ct2_dir = build_checkpoint(args.shape, args.workdir)
     # Rounds of every engine in turn: the machine's memory bandwidth drifts over minutes (a shared host),
     # so each engine's runs are spread over the whole benchmark instead of one stretch of it.
-    raw: dict[str, list[dict]] = {engine: [] for engine in args.engines}
+    engines = list(args.engines)
+    if args.baseline:
+        engines += [e + BASELINE for e in ("codegen-lm fp32", "codegen-lm int8") if e in args.engines]
+    raw: dict[str, list[dict]] = {engine: [] for engine in engines}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     for round_index in range(args.rounds):
-        for engine in args.engines:
+        for engine in engines:
+            worker_env = {**env, "PYTHONPATH": str(args.baseline.resolve())} if engine.endswith(BASELINE) else env
             out = subprocess.run([sys.executable, __file__, "--worker", engine, str(hf_dir), str(ct2_dir),
                                   "--threads", str(args.threads), "--repeats", str(args.repeats)],
-                                 capture_output=True, text=True, env=env)
+                                 capture_output=True, text=True, env=worker_env)
             if out.returncode != 0:
                 print(f"{engine}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
                 continue
@@ -282,8 +301,9 @@ def main() -> None:
             merged = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
             merged["peak_rss_bytes"] = max(r.get("peak_rss_bytes", 0) for r in runs)
             results[engine] = summarise(merged)
+    cpu = cpu_name()
     print(f"\ncodegen-{args.shape} shape, random fp32 weights, {args.threads} threads, medians of {args.rounds} "
-          f"rounds x {args.repeats} repeats")
+          f"rounds x {args.repeats} repeats, on {cpu}")
     header = f"{'engine':<28} {'greedy tok/s':>12} {SAMPLES}x{' samples tok/s':<14} {'20x wall s':>10} " \
              f"{'prefill512 s':>12} {'peak RSS GB':>11}"
     print(header)
@@ -294,8 +314,10 @@ def main() -> None:
             print(f"{'':<28} prompt lookup: {r['acceptance_rate']:.0%} of guesses accepted, "
                   f"{r['tokens_per_pass']:.2f} tokens per forward pass")
     ratios = {}
-    for ours in [e for e in results if e.startswith("codegen-lm")]:
-        for other in [e for e in results if not e.startswith("codegen-lm")]:
+    for ours in [e for e in results if e.startswith("codegen-lm") and not e.endswith(BASELINE)]:
+        others = [e for e in results if not e.startswith("codegen-lm")]
+        others += [ours + BASELINE] if ours + BASELINE in results else []
+        for other in others:
             a, b = results[ours], results[other]
             ratios[f"{ours} / {other}"] = {
                 "greedy_decode": ratio(a, b, "greedy_decode_tok_s"),
@@ -309,7 +331,8 @@ def main() -> None:
               f"20x wall {fmt(r['samples_wall_speedup'], '.2f')}x  prefill {fmt(r['prefill_speedup'], '.2f')}x")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "generation.json").write_text(json.dumps(
-        {"shape": args.shape, "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats, "raw": raw,
+        {"shape": args.shape, "cpu": cpu, "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
+         "raw": raw,
          "results": results,
          "ratios": ratios}, indent=2) + "\n")
     plot(results, args.out / "generation.png")

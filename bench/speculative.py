@@ -2,7 +2,7 @@
 
 1. Prompt lookup on a trained model (default: the bundled codegen-lm-mini) over held-out code: each
    prompt is the first --prompt-tokens tokens of a held-out file, continued greedily for --new-tokens
-   tokens, once by the plain engine (batch 1) and once by the speculative decoder. The outputs must be
+   tokens, once by the plain engine (batch 1) and once with prompt-lookup speculation. The outputs must be
    identical; we report the fraction of guesses accepted, tokens per target pass and the wall-time
    speed-up (medians over prompts).
 2. Verification cost on a real-shaped model (--shape, random weights, fp32 and int8): the time of one
@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 import torch
-from report import write_json
+from report import cpu_description, write_json
 
 import codegen_lm
 from codegen_lm import CodeGenConfig, CodeGenForCausalLM, CodeGenTokenizerFast
-from codegen_lm.engine import Engine, GenerationParams, SpeculativeDecoder, SpeculativeStats
-from codegen_lm.engine.engine import pack_linears
-from codegen_lm.engine.forward import forward_rows
+from codegen_lm.engine import Engine, GenerationParams
+from codegen_lm.engine.runner import Row, run
 from codegen_lm.engine.slot_cache import SlotCache
+from codegen_lm.engine.weights import prepare
 
 
 def held_out_prompts(tok, count: int, prompt_tokens: int) -> list[list[int]]:
@@ -47,24 +47,27 @@ def prompt_lookup(model_name: str, count: int, prompt_tokens: int, new_tokens: i
     model = CodeGenForCausalLM.from_pretrained(model_name, dtype=torch.float32).eval()
     tok = CodeGenTokenizerFast.from_pretrained(model_name)
     prompts = held_out_prompts(tok, count, prompt_tokens)
-    engine = Engine(model, tok, max_batch=1)
-    decoder = SpeculativeDecoder(model, tok, draft="prompt-lookup", k=k)
+    engine = Engine(model, tok, max_batch=1, prefix_cache_mb=0, speculative_tokens=k)
     params = GenerationParams(max_new_tokens=new_tokens, eos_token_ids=[])
-    stats = SpeculativeStats()
+    speculative = GenerationParams(max_new_tokens=new_tokens, eos_token_ids=[], speculative="prompt-lookup")
     plain_s, spec_s, identical = [], [], 0
     engine.submit(prompts[0], params).result()  # warm-up
+    engine.submit(prompts[0], speculative).result()
+    before = engine.stats().speculative
     for prompt in prompts:
         start = time.perf_counter()
         plain = engine.submit(prompt, params).result().outputs[0].token_ids
         plain_s.append(time.perf_counter() - start)
         start = time.perf_counter()
-        spec = decoder.generate(prompt, params, stats=stats).token_ids
+        spec = engine.submit(prompt, speculative).result().outputs[0].token_ids
         spec_s.append(time.perf_counter() - start)
         identical += spec == plain
+    after = engine.stats().speculative
+    accepted, proposed, passes = (getattr(after, f) - getattr(before, f) for f in ("accepted", "proposed", "passes"))
     speedups = sorted(p / s for p, s in zip(plain_s, spec_s))
     return {"model": model_name, "prompts": len(prompts), "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-            "k": k, "identical_outputs": identical, "acceptance_rate": stats.acceptance_rate,
-            "tokens_per_pass": stats.tokens_per_pass, "speedup_median": statistics.median(speedups),
+            "k": k, "identical_outputs": identical, "acceptance_rate": accepted / max(1, proposed),
+            "tokens_per_pass": (accepted + passes) / max(1, passes), "speedup_median": statistics.median(speedups),
             "speedup_min": speedups[0], "speedup_max": speedups[-1],
             "plain_tok_s": len(prompts) * new_tokens / sum(plain_s), "speculative_tok_s": len(prompts) * new_tokens
             / sum(spec_s)}
@@ -79,17 +82,17 @@ def verify_cost(shape: str, quantize: str | None, context: int = 256, repeats: i
         from codegen_lm.quantize import quantize_model
 
         quantize_model(model)
-    pack_linears(model)  # as the engine and the speculative decoder do
+    prepare(model)  # as the engine does
     c = model.config
     cache = SlotCache(c.n_layer, 1, c.n_head, c.head_dim, context + 16, torch.float32, "cpu", initial_len=context + 16)
-    forward_rows(model, cache, torch.randint(0, c.vocab_size, (1, context)), [0])
+    run(model, cache, [Row(0, 0, torch.randint(0, c.vocab_size, (context,)).tolist())])
     times = {}
     for new in (1, 2, 3, 5, 9):
         runs = []
         for _ in range(repeats):
-            x = torch.randint(0, c.vocab_size, (1, new))
+            x = torch.randint(0, c.vocab_size, (new,)).tolist()
             start = time.perf_counter()
-            forward_rows(model, cache, x, [context], all_logits=True)
+            run(model, cache, [Row(0, context, x, "all")])
             runs.append(time.perf_counter() - start)
         times[new] = statistics.median(runs)
     return {"shape": shape, "weights": quantize or "fp32", "context": context,
@@ -109,7 +112,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "speculative.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = {"prompt_lookup": prompt_lookup(args.model, args.prompts, args.prompt_tokens, args.new_tokens, args.k)}
+    result = {"cpu": cpu_description(),
+              "prompt_lookup": prompt_lookup(args.model, args.prompts, args.prompt_tokens, args.new_tokens, args.k)}
+    print(f"on {result['cpu']}, {args.threads} threads")
     p = result["prompt_lookup"]
     print(f"prompt lookup (k={p['k']}) on {p['model']}, {p['prompts']} held-out prompts x {p['new_tokens']} tokens: "
           f"{p['identical_outputs']}/{p['prompts']} outputs identical to plain greedy; "

@@ -1,16 +1,23 @@
-"""The inference engine: continuous batching, shared prefill, sampling, streaming, cancellation,
-int8 quantization and speculative decoding."""
+"""The inference engine: continuous batching, shared prefill, chunked prefill, streaming from threads
+and asyncio, cancellation, failures, int8 weights, torch.compile, and the CPU kernel paths against the
+model's own blocks. (Sampling against transformers: test_sampler.py; the prefix cache:
+test_prefix_cache.py; speculative decoding: test_speculative.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
+import numpy as np
 import pytest
 import torch
 
 from codegen_lm import CodeGenForCausalLM, CodeGenTokenizerFast
-from codegen_lm.engine import Engine, GenerationParams
-from codegen_lm.engine.speculative import SpeculativeDecoder, SpeculativeStats, prompt_lookup
+from codegen_lm.engine import Engine, EngineError, GenerationParams, runner
+from codegen_lm.engine import engine as engine_module
+from codegen_lm.engine.runner import Row
+from codegen_lm.engine.slot_cache import SlotCache
+from codegen_lm.kernels import _numba
 from codegen_lm.quantize import Int8Linear, quantize_model
 
 from .conftest import load_hf
@@ -32,8 +39,8 @@ def prompts(count: int, seed: int = 0) -> list[list[int]]:
             for n in torch.randint(2, 20, (count,), generator=g)]
 
 
-def alone(model, prompt, params, tok=None):
-    return Engine(model, tok, max_batch=params.n).submit(prompt, params).result()
+def alone(model, prompt, params, tok=None, **engine_args):
+    return Engine(model, tok, max_batch=params.n, **engine_args).submit(prompt, params).result()
 
 
 def test_greedy_matches_transformers_and_many_requests_share_few_slots(model, tiny_checkpoint):
@@ -67,21 +74,20 @@ def test_seeded_sampling_does_not_depend_on_batch_company(model):
 
 
 def test_samples_share_one_prefill(model, monkeypatch):
-    from codegen_lm.engine import engine as engine_module
-
     calls = []
-    real = engine_module.forward_rows
+    real = engine_module.run
 
-    def spy(model, cache, tokens, starts, *args, **kwargs):
-        calls.append(tuple(tokens.shape))
-        return real(model, cache, tokens, starts, *args, **kwargs)
+    def spy(model, cache, rows, *args, **kwargs):
+        calls.extend(len(r.tokens) for r in rows)
+        return real(model, cache, rows, *args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "forward_rows", spy)
+    monkeypatch.setattr(engine_module, "run", spy)
     prompt = prompts(1)[0]
-    engine = Engine(model, max_batch=4)
+    engine = Engine(model, max_batch=4, prefix_cache_mb=0)
     out = engine.submit(prompt, GenerationParams(n=10, max_new_tokens=3, temperature=1.0, seed=0)).result()
     assert len(out.outputs) == 10 and all(len(o.token_ids) == 3 for o in out.outputs)
-    assert calls.count((1, len(prompt))) == 1  # one prefill for 10 samples in 3 admissions
+    assert calls.count(len(prompt)) == 1  # one prefill for 10 samples in 3 admissions
+    assert sum(calls) == len(prompt) + 10 * 2  # and each sample fed its first two tokens once
 
 
 def test_stream_events_add_up_and_stop_strings_cut_text(model, tok):
@@ -97,20 +103,6 @@ def test_stream_events_add_up_and_stop_strings_cut_text(model, tok):
     assert out.finish_reason == "stop" and events[-1].finish_reason == "stop"
     assert [t for e in events for t in e.token_ids] == out.token_ids
     assert out.token_ids == free.token_ids[: len(out.token_ids)]
-
-
-def test_logprobs_are_the_models(model):
-    prompt = prompts(1, seed=5)[0]
-    out = alone(model, prompt, GenerationParams(max_new_tokens=4, logprobs=3)).outputs[0]
-    ids = torch.tensor([prompt + out.token_ids])
-    with torch.no_grad():
-        logp = model(ids).logits[0].log_softmax(-1)
-    for i, token in enumerate(out.token_ids):
-        row = logp[len(prompt) - 1 + i]
-        assert out.logprobs[i] == pytest.approx(float(row[token]), abs=1e-4)
-        top = row.topk(3)
-        assert list(out.top_logprobs[i]) == top.indices.tolist()
-        assert token == top.indices[0]  # greedy
 
 
 def test_eos_min_tokens_and_cancellation_free_slots(model):
@@ -201,78 +193,16 @@ def test_int8_quantize_save_load_round_trip(model, tiny_checkpoint, tmp_path):
 
 
 def test_int8_without_numba_falls_back(model, monkeypatch):
-    from codegen_lm import kernels
-
     q = quantize_model(CodeGenForCausalLM.from_pretrained(model.name_or_path))
     ids = torch.randint(0, 50000, (1, 6))
     with torch.inference_mode():
         fast = q(ids).logits
-        monkeypatch.setattr(kernels, "HAVE_NUMBA", False)
+        monkeypatch.setattr(_numba, "HAVE_NUMBA", False)
         slow = q(ids).logits
     assert torch.allclose(fast, slow, atol=1e-4)
 
 
-# ---- speculative decoding -------------------------------------------------------------------------
-
-
-def test_prompt_lookup_finds_the_latest_match():
-    assert prompt_lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], k=2) == [7, 8]
-    assert prompt_lookup([5, 6, 7], k=3) == []
-    assert prompt_lookup([4, 1, 2, 4], k=3, max_ngram=2) == [1, 2, 4]
-
-
-@pytest.mark.parametrize("draft", ["prompt-lookup", "int8", "self"])
-def test_speculative_greedy_equals_plain_greedy(model, tok, draft):
-    drafts = {"prompt-lookup": "prompt-lookup", "self": model,
-              "int8": quantize_model(CodeGenForCausalLM.from_pretrained(model.name_or_path))}
-    base = prompts(1, seed=8)[0][:6]
-    for i, (prompt, params) in enumerate((
-        (base * 4, GenerationParams(max_new_tokens=40)),
-        (base, GenerationParams(max_new_tokens=25, repetition_penalty=1.3, min_new_tokens=3)),
-        (base * 2, GenerationParams(max_new_tokens=30, stop=["e"])),
-    )):
-        plain = alone(model, prompt, params, tok).outputs[0]
-        stats = SpeculativeStats()
-        spec = SpeculativeDecoder(model, tok, draft=drafts[draft], k=4).generate(prompt, params, stats)
-        assert spec.token_ids == plain.token_ids and spec.text == plain.text
-        assert spec.finish_reason == plain.finish_reason
-        if draft == "self" and i == 0:  # a perfect draft: every guess accepted, 5 tokens per pass
-            assert stats.acceptance_rate == 1.0 and stats.target_passes == 8
-
-
-def test_speculative_sampling_keeps_the_distribution():
-    """With a 16-token vocabulary, the distribution of the first three sampled tokens under
-    speculative sampling (draft: a different model) matches plain sampling."""
-    from codegen_lm import CodeGenConfig
-
-    torch.manual_seed(0)
-    config = CodeGenConfig(n_embd=32, n_layer=1, n_head=4, rotary_dim=4, vocab_size=16, eos_token_id=15,
-                           n_positions=64)
-    target = CodeGenForCausalLM(config).eval()
-    draft = CodeGenForCausalLM(config).eval()
-    with torch.no_grad():  # the draft: the target plus noise, so that they agree only in part
-        for p, q in zip(target.parameters(), draft.parameters()):
-            p.mul_(3)
-            q.copy_(p + 0.6 * p.std() * torch.randn_like(p) if p.numel() > 1 else p)
-    params = dict(max_new_tokens=3, temperature=1.0, eos_token_ids=[])
-    runs = 3000
-    plain, spec = torch.zeros(16, 16, 16), torch.zeros(16, 16, 16)
-    engine = Engine(target, max_batch=50)
-    for start in range(0, runs, 50):
-        out = engine.submit([1, 2], GenerationParams(n=50, seed=start, **params)).result()
-        for o in out.outputs:
-            plain[tuple(o.token_ids)] += 1
-    decoder = SpeculativeDecoder(target, draft=draft, k=2)
-    stats = SpeculativeStats()
-    for s in range(runs):
-        o = decoder.generate([1, 2], GenerationParams(seed=10_000 + s, **params), stats)
-        spec[tuple(o.token_ids)] += 1
-    assert 0.2 < stats.acceptance_rate < 0.9, stats.acceptance_rate
-    # the marginal distribution of each position (16 outcomes): equal up to sampling noise
-    for dims in ((1, 2), (0, 2), (0, 1)):
-        a, b = plain.sum(dims) / runs, spec.sum(dims) / runs
-        tv = 0.5 * (a - b).abs().sum().item()
-        assert tv < 0.06, (dims, tv)
+# ---- torch.compile -------------------------------------------------------------------------------
 
 
 def test_compiled_decode_step_gives_the_eager_tokens(model):
@@ -282,7 +212,7 @@ def test_compiled_decode_step_gives_the_eager_tokens(model):
     engine = Engine(model, max_batch=2, compile=True)
     handles = [engine.submit(p, params) for p in ps]
     assert [h.result().outputs[0].token_ids for h in handles] == expected
-    assert engine._decode_forward.error is None  # it really ran compiled (a C++ compiler is installed here)
+    assert engine._blocks.error is None  # it really ran compiled (a C++ compiler is installed here)
 
 
 def test_compile_failure_falls_back_to_eager_with_a_warning(model, monkeypatch):
@@ -296,18 +226,145 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(model, monkeypatch):
     params = GenerationParams(max_new_tokens=5)
     expected = alone(model, p, params).outputs[0].token_ids
     engine = Engine(model, compile=True)
-    with pytest.warns(UserWarning, match="torch.compile of the decode step failed"):
+    with pytest.warns(UserWarning, match="torch.compile of the engine's forward pass failed"):
         out = engine.submit(p, params).result().outputs[0].token_ids
     assert out == expected
 
 
-def test_shared_prefix_attention_equals_plain_attention():
-    """The decode-step attention kernels (groups of rows sharing a prompt, rows on their own, rows of
-    different lengths, rotary + cache write) and the PyTorch fallback all equal plain attention."""
-    import numpy as np
 
-    from codegen_lm import kernels
-    from codegen_lm.engine.slot_cache import shared_prefix_attention
+# ---- chunked prefill, threads, asyncio, failures ----------------------------------------------------
+
+
+def test_chunked_prefill_equals_one_piece_prefill(model):
+    """A prompt prefilled a few tokens per step (alone, and while other samples decode) gives the tokens
+    of a one-piece prefill: greedy, and seeded samples."""
+    ps = prompts(3, seed=11)
+    long = prompts(1, seed=12)[0] * 5  # ~50-100 tokens
+    params = [GenerationParams(max_new_tokens=12), GenerationParams(n=3, max_new_tokens=12, temperature=0.9, seed=3),
+              GenerationParams(max_new_tokens=12, repetition_penalty=1.4)]
+
+    def serve(**engine_args):
+        engine = Engine(model, max_batch=6, prefix_cache_mb=0, **engine_args)
+        handles = [engine.submit(p, q) for p, q in zip(ps, params)]
+        engine.step()
+        engine.step()  # the first requests are decoding when the long prompt arrives
+        handles.append(engine.submit(long, params[1]))
+        return [[o.token_ids for o in h.result().outputs] for h in handles]
+
+    whole = serve(solo_chunk=10_000, prefill_chunk=10_000)
+    assert serve(solo_chunk=7, prefill_chunk=5) == whole
+    assert serve(solo_chunk=1, prefill_chunk=1) == whole
+
+
+def test_running_streams_keep_producing_tokens_while_a_long_prompt_is_prefilled(model):
+    engine = Engine(model, max_batch=4, prefix_cache_mb=0, prefill_chunk=16)
+    running = [engine.submit(p, GenerationParams(max_new_tokens=200, eos_token_ids=[])) for p in prompts(2, seed=13)]
+    while len(engine.rows) < 2:
+        engine.step()
+    long = engine.submit(prompts(1, seed=14)[0] * 12, GenerationParams(max_new_tokens=2))
+    steps = 0
+    while not long._request.samples[0].output.token_ids:
+        before = [len(h._request.samples[0].output.token_ids) for h in running]
+        engine.step()
+        steps += 1
+        after = [len(h._request.samples[0].output.token_ids) for h in running]
+        assert all(b == a + 1 for a, b in zip(before, after))  # every step still gave each stream a token
+    prompt_len = len(long._request.prompt_ids)
+    assert steps == -(-prompt_len // 16)  # the prompt took ceil(len / 16) chunked steps
+    engine.run()
+
+
+def test_asyncio_streams_without_polling(model, tok):
+    """astream() serves several requests concurrently from one event loop; their events and results are
+    what the same requests give synchronously."""
+    ps = prompts(3, seed=15)
+    params = GenerationParams(n=2, max_new_tokens=8, temperature=0.8, seed=1)
+    expected = [[o.token_ids for o in alone(model, p, params).outputs] for p in ps]
+    engine = Engine(model, max_batch=3)
+
+    async def consume(prompt):
+        handle = engine.submit(prompt, params)
+        tokens = {0: [], 1: []}
+        async for event in handle.astream():
+            tokens[event.index].extend(event.token_ids)
+        result = await handle.aresult()
+        assert [o.token_ids for o in result.outputs] == [tokens[0], tokens[1]]
+        return [tokens[0], tokens[1]]
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(consume(p) for p in ps)), timeout=120)
+
+    try:
+        assert asyncio.run(main()) == expected
+    finally:
+        engine.stop()
+
+
+def test_submit_and_cancel_never_wait_for_a_running_step(model, monkeypatch):
+    """While a step is stuck inside the model, submit() and cancel() from another thread return, and the
+    next step takes both."""
+    entered, release = threading.Event(), threading.Event()
+    real = engine_module.run
+
+    def slow_run(*args, **kwargs):
+        entered.set()
+        assert release.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "run", slow_run)
+    engine = Engine(model, max_batch=2)
+    engine.start()
+    try:
+        first = engine.submit(prompts(1, seed=16)[0], GenerationParams(max_new_tokens=30))
+        assert entered.wait(60)  # the engine thread is now inside a step
+        done = threading.Event()
+        handles = []
+
+        def client():
+            handles.append(engine.submit(prompts(1, seed=17)[0], GenerationParams(max_new_tokens=4)))
+            first.cancel()
+            done.set()
+
+        threading.Thread(target=client).start()
+        assert done.wait(10), "submit/cancel blocked behind the running step"
+        monkeypatch.setattr(engine_module, "run", real)
+        release.set()
+        assert first.result().outputs[0].finish_reason == "cancelled"
+        assert len(handles[0].result().outputs[0].token_ids) == 4
+    finally:
+        release.set()
+        engine.stop()
+
+
+def test_a_failing_step_ends_its_requests_with_an_error(model, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    engine = Engine(model)
+    engine.start()
+    try:
+        monkeypatch.setattr(engine_module, "run", broken)
+        handle = engine.submit(prompts(1)[0], GenerationParams(max_new_tokens=3))
+        with pytest.raises(EngineError, match="out of memory"):
+            handle.result()
+        monkeypatch.undo()
+        # the engine goes on serving
+        assert len(engine.submit(prompts(1)[0], GenerationParams(max_new_tokens=3)).result().outputs[0].token_ids) == 3
+    finally:
+        engine.stop()
+    sync = Engine(model)
+    monkeypatch.setattr(engine_module, "run", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):  # driven from this thread: the error itself
+        sync.submit(prompts(1)[0], GenerationParams(max_new_tokens=3)).result()
+
+
+# ---- kernels against plain PyTorch -------------------------------------------------------------------
+
+
+def test_attention_kernels_equal_plain_attention():
+    """The decode-step attention kernels (groups of rows sharing a prompt, rows on their own, rows of
+    different lengths, rotary + cache write) equal plain attention."""
+    from codegen_lm.kernels import attention as kernels
     from codegen_lm.model import apply_rotary, attention
 
     torch.manual_seed(0)
@@ -318,12 +375,10 @@ def test_shared_prefix_attention_equals_plain_attention():
     ends = np.array([7, 12, 9, 3, 11])  # each row's own length
     q = torch.randn(5, H, 1, D)
     rows = torch.tensor([0, 1, 2])
-    got = shared_prefix_attention(q[rows], K, V, torch.tensor(slots[:3]), prefix, torch.tensor(ends[:3]))
     with torch.no_grad():
         fast = kernels.rows_attention(q[:, :, 0] * D**-0.5, K, V, slots, ends, np.array([prefix] * 3 + [0, 0]),
                                       [(rows, 4, prefix)])
     fast = fast.view(5, H, 1, D)
-    torch.testing.assert_close(fast[:3], got, atol=1e-5, rtol=1e-5)
     for r in range(5):
         s, n = int(slots[r]), int(ends[r])
         expected = attention(q[r : r + 1], K[s : s + 1, :, :n], V[s : s + 1, :, :n], None, False, 0.0)
@@ -345,155 +400,108 @@ def test_shared_prefix_attention_equals_plain_attention():
 def test_samples_sharing_a_prompt_match_unshared_decoding(model, monkeypatch):
     p = prompts(1, seed=9)[0]
     params = GenerationParams(n=6, max_new_tokens=12, temperature=0.9, seed=5)
-    engine = Engine(model, max_batch=4)  # 6 samples over 4 slots: two groups of different lengths
-    shared = [o.token_ids for o in engine.submit(p, params).result().outputs]
-    from codegen_lm.engine import slot_cache
-
-    original = slot_cache.SlotCache.begin
-    monkeypatch.setattr(slot_cache.SlotCache, "begin",
-                        lambda self, rows, starts, new, first=0, shared=None: original(self, rows, starts, new, first))
+    shared = [o.token_ids for o in Engine(model, max_batch=4).submit(p, params).result().outputs]
+    real = engine_module.run
+    monkeypatch.setattr(engine_module, "run", lambda model, cache, rows, shared, blocks: real(model, cache, rows))
     plain = [o.token_ids for o in Engine(model, max_batch=4).submit(p, params).result().outputs]
     assert shared == plain
 
 
-def test_one_row_decode_kernel_equals_the_blocks(small_checkpoint, monkeypatch):
-    """decode_kernel runs a whole block per call for batch-1 decoding: same logits and cache
-    contents as the model's own blocks, on every small shape (partial and full rotary, an inner
-    size that is not 4x, erf GELU which the kernel leaves to the blocks)."""
-    from codegen_lm import decode_kernel
-    from codegen_lm.engine import decode, forward
-    from codegen_lm.engine.slot_cache import SlotCache
+def _two_caches(cfg, slots=5):
+    return [SlotCache(cfg.n_layer, slots, cfg.n_head, cfg.head_dim, 64, torch.float32, initial_len=16)
+            for _ in range(2)]
+
+
+def test_one_token_block_kernel_equals_the_blocks(small_checkpoint, monkeypatch):
+    """kernels/block.py runs a whole block per call for batch-1 decoding: same logits and cache
+    contents as the model's own blocks, on every small shape (partial and full rotary, an inner size
+    that is not 4x, erf GELU which the kernel leaves to the other paths)."""
+    from codegen_lm.kernels import block
 
     folder, shape = small_checkpoint
     model = CodeGenForCausalLM.from_pretrained(folder).eval()
     cfg = model.config
     with torch.inference_mode():
-        assert decode_kernel.can_run(model, torch.float32) == (shape != "erf-gelu")
+        weights = runner._block_weights(model.transformer.h[0])
+        assert block.can_run(weights, cfg.activation_function, torch.float32) == (shape != "erf-gelu")
         if shape == "erf-gelu":
             return
-        assert not decode_kernel.can_run(model, torch.bfloat16)
-        ids = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3))
-        caches = [SlotCache(cfg.n_layer, 3, cfg.n_head, cfg.head_dim, 64, torch.float32, initial_len=16)
-                  for _ in range(2)]  # the decode crosses a capacity doubling
-        for cache in caches:
-            forward.forward_rows(model, cache, ids[:, :10], [0], first_slot=2)
-        for t in range(10, 24):
-            fused = decode.decode_one(model, caches[0], int(ids[0, t]), t, 2)
-            with monkeypatch.context() as m:
-                m.setattr(decode_kernel, "can_run", lambda *a: False)
-                plain = forward.forward_rows(model, caches[1], ids[:, t : t + 1], [t], first_slot=2)
-            torch.testing.assert_close(fused, plain, atol=2e-5, rtol=1e-5)
-        for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
-            torch.testing.assert_close(a[:, :, :24], b[:, :, :24], atol=2e-5, rtol=1e-5)
+        assert not block.can_run(weights, cfg.activation_function, torch.bfloat16)
+        ids = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(3)).tolist()[0]
+        fused, plain = _two_caches(cfg)
+        for cache in (fused, plain):
+            runner.run(model, cache, [Row(2, 0, ids[:10])])
+        for t in range(10, 24):  # crosses the cache's capacity doubling at 16
+            a = runner._one_token(model, fused, Row(2, t, [ids[t]]))
+            b = runner.run(model, plain, [Row(2, t, [ids[t]])], blocks=runner.forward_slots)
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(fused.k[:, :, :, :24], plain.k[:, :, :, :24], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(fused.v[:, :, :, :24], plain.v[:, :, :, :24], atol=2e-5, rtol=1e-5)
     # and the engine's batch-1 greedy (which takes the kernel) still equals transformers token for token
     hf = load_hf(folder)
-    p = ids[0, :12].tolist()
+    p = ids[:12]
     expected = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=0)[0, 12:].tolist()
     assert Engine(model, max_batch=1).submit(p, GenerationParams(max_new_tokens=16, eos_token_ids=[])).result(
         ).outputs[0].token_ids == expected
 
 
-def test_one_row_decode_kernel_declines_what_it_cannot_compute(model):
-    from codegen_lm import decode_kernel
+def test_one_token_block_kernel_declines_what_it_cannot_compute(model):
+    from codegen_lm.kernels import block
 
+    act = model.config.activation_function
     with torch.inference_mode():
-        assert decode_kernel.can_run(model, torch.float32)
-        assert not decode_kernel.can_run(quantize_model(CodeGenForCausalLM.from_config(model.config)), torch.float32)
-        model.train()
-        try:
-            assert not decode_kernel.can_run(model, torch.float32)
-        finally:
-            model.eval()
-    assert not decode_kernel.can_run(model, torch.float32)  # autograd on
+        assert block.can_run(runner._block_weights(model.transformer.h[0]), act, torch.float32)
+        q = quantize_model(CodeGenForCausalLM.from_config(model.config))
+        assert not block.can_run(runner._block_weights(q.transformer.h[0]), act, torch.float32)
+    assert not block.can_run(runner._block_weights(model.transformer.h[0]), act, torch.float32)  # autograd on
 
 
-def test_batched_decode_shortcut_equals_the_blocks(small_checkpoint, monkeypatch):
-    """decode.decode_rows (packed products, attention kernels) gives the logits and cache contents of
-    the model's own blocks: rows of different lengths, a group sharing a prompt in slots that are
-    not consecutive, a row on its own."""
-    from codegen_lm.engine import decode, forward
-    from codegen_lm.engine.engine import pack_linears
-    from codegen_lm.engine.slot_cache import SlotCache
+@pytest.mark.parametrize("weights", ["packed", "unpacked", "int8"])
+def test_kernel_pass_equals_the_blocks(small_checkpoint, weights):
+    """runner's CPU pass (products through packed / plain / int8 weights, attention kernels, SDPA for
+    chunks) gives the logits and cache contents of the model's own blocks for a mixed step: rows of
+    different lengths, a group sharing a prompt in slots that are not consecutive, a row on its own,
+    rows checking a few guesses, and a prompt chunk continuing a cached part."""
+    from codegen_lm.engine.weights import PackedLinear, prepare
 
     folder, _ = small_checkpoint
-    model = CodeGenForCausalLM.from_pretrained(folder).eval()
+    model = CodeGenForCausalLM.from_pretrained(folder, quantize="int8" if weights == "int8" else None).eval()
+    prepare(model, weights == "packed")
+    if weights != "int8":
+        assert all(type(m) is PackedLinear for m in model.modules() if isinstance(m, torch.nn.Linear))
     cfg = model.config
+    g = torch.Generator().manual_seed(4)
+
+    def rand(n):
+        return torch.randint(0, cfg.vocab_size, (n,), generator=g).tolist()
+
+    prompt, other, long = rand(9), rand(5), rand(30)
+    fast, plain = _two_caches(cfg)
     with torch.inference_mode():
-        assert not decode.can_decode_rows(model, torch.float32)  # no packed weights yet
-        pack_linears(model, True)
-        assert decode.can_decode_rows(model, torch.float32)
-        g = torch.Generator().manual_seed(4)
-        prompt = torch.randint(0, cfg.vocab_size, (1, 9), generator=g)
-        other = torch.randint(0, cfg.vocab_size, (1, 5), generator=g)
-        caches = [SlotCache(cfg.n_layer, 4, cfg.n_head, cfg.head_dim, 64, torch.float32, initial_len=16)
-                  for _ in range(2)]
-        for cache in caches:  # rows 0 and 2 hold the prompt (slots 1 and 3), row 1 another (slot 2)
-            forward.forward_rows(model, cache, prompt, [0], first_slot=1)
+        for cache in (fast, plain):  # slots 1 and 3 hold the prompt, slot 2 another, slot 4 a long prompt's start
+            runner.run(model, cache, [Row(1, 0, prompt), Row(2, 0, other)], blocks=runner.forward_slots)
             cache.copy_slot(1, 3, 9)
-            forward.forward_rows(model, cache, other, [0], first_slot=2)
-        starts, shared = [9, 5, 9], [([0, 2], 9)]
-        for _ in range(10):  # crosses the cache's capacity doubling at 16
-            tokens = torch.randint(0, cfg.vocab_size, (3, 1), generator=g)
-            fast = decode.decode_rows(model, caches[0], tokens, starts, 1, shared)
-            with monkeypatch.context() as m:
-                m.setattr(forward, "decode_step", lambda *a: None)
-                plain = forward.forward_rows(model, caches[1], tokens, starts, first_slot=1, shared=shared)
-            torch.testing.assert_close(fast, plain, atol=2e-5, rtol=1e-5)
-            starts = [s + 1 for s in starts]
-        # a few tokens per row (speculative verification): two rows of 3, then one row of 4
-        for rows, first, T in ((2, 1, 3), (1, 3, 4)):
-            tokens = torch.randint(0, cfg.vocab_size, (rows, T), generator=g)
-            at = starts[first - 1 : first - 1 + rows]
-            fast = decode.decode_step(model, caches[0], tokens, at, first, all_logits=True)
-            assert fast is not None and fast.shape == (rows, T, cfg.vocab_size)
-            with monkeypatch.context() as m:
-                m.setattr(forward, "decode_step", lambda *a: None)
-                plain = forward.forward_rows(model, caches[1], tokens, at, all_logits=True, first_slot=first)
-            torch.testing.assert_close(fast, plain, atol=2e-5, rtol=1e-5)
-            for r in range(rows):
-                starts[first - 1 + r] += T
-        for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
-            torch.testing.assert_close(a[1:4, :, :23], b[1:4, :, :23], atol=2e-5, rtol=1e-5)
-    with torch.no_grad():
-        model.lm_head.weight.add_(1.0)  # an in-place change of a weight makes its packed copy stale
-    with torch.inference_mode():
-        assert not decode.can_decode_rows(model, torch.float32)
-
-
-@pytest.mark.parametrize("kernel", [True, False])
-@pytest.mark.parametrize("shape", ["flat", "peaked"])
-def test_engine_draw_follows_the_top_p_distribution(shape, kernel, monkeypatch):
-    """sampler.draw against transformers' top-p warper: flat rows take the whole-vocabulary rejection
-    path (with the numba kernel and with the PyTorch fallback), peaked rows the candidate path. Every
-    draw lies in the nucleus, and the mass in each of 8 probability bins matches within 5 sigma."""
-    from transformers.generation.logits_process import TopPLogitsWarper
-
-    from codegen_lm import kernels
-    from codegen_lm.engine.sampler import draw
-    from codegen_lm.generation.sampling import SamplingParams
-
-    if not kernel:
-        monkeypatch.setattr(kernels, "draw_rows", lambda *a: None)
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(1000, generator=g) * (0.3 if shape == "flat" else 3.0)
-    n = 20000
-    tokens = draw(logits.expand(n, -1), SamplingParams(do_sample=True, top_p=0.9),
-                  [torch.Generator().manual_seed(i) for i in range(n)])
-    expected = TopPLogitsWarper(0.9)(None, logits[None].clone())[0].softmax(-1)
-    counts = torch.bincount(torch.tensor(tokens), minlength=1000).double()
-    assert counts[expected == 0].sum() == 0  # nothing outside the nucleus
-    order = expected.argsort(descending=True)
-    for part in order[expected[order] > 0].tensor_split(8):
-        p = float(expected[part].sum())
-        assert abs(float(counts[part].sum()) / n - p) < 5 * (p * (1 - p) / n) ** 0.5
+            runner.run(model, cache, [Row(4, 0, long[:12], "none")], blocks=runner.forward_slots)
+        starts = {1: 9, 2: 5, 3: 9}
+        for step in range(8):  # crosses the cache's capacity doubling at 16
+            rows = [Row(1, starts[1], rand(1)), Row(2, starts[2], rand(3 if step % 2 else 1), "all"),
+                    Row(3, starts[3], rand(1))]
+            if step == 3:
+                rows.append(Row(4, 12, long[12:]))  # the rest of the long prompt
+            shared = [([0, 2], 9)]
+            a = runner.run(model, fast, rows, shared)
+            b = runner.run(model, plain, rows, blocks=runner.forward_slots)
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-5)
+            for r in rows[:3]:
+                starts[r.slot] += len(r.tokens)
+        for x, y in ((fast.k, plain.k), (fast.v, plain.v)):
+            torch.testing.assert_close(x[:, 1:5, :, :30], y[:, 1:5, :, :30], atol=3e-5, rtol=1e-5)
 
 
 def test_every_decode_path_gives_the_same_samples(tiny_checkpoint, monkeypatch):
     """Seeded samples of one prompt over fewer slots than samples (groups of different lengths), through
-    the batched shortcut (packed weights), the model's blocks with the attention kernels (no packed
-    weights), and plain PyTorch (numba disabled): the same tokens."""
-    from codegen_lm import kernels
-
+    the kernel pass with packed weights, with plain weights, the model's blocks with numba off, and
+    torch.compile: the same tokens."""
     p = prompts(1, seed=9)[0]
     params = GenerationParams(n=6, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=5)
 
@@ -501,8 +509,9 @@ def test_every_decode_path_gives_the_same_samples(tiny_checkpoint, monkeypatch):
         model = CodeGenForCausalLM.from_pretrained(tiny_checkpoint)
         return [o.token_ids for o in Engine(model, max_batch=4, **engine_args).submit(p, params).result().outputs]
 
-    shortcut = sample()
+    packed = sample()
+    unpacked = sample(pack_weights=False)
+    compiled = sample(compile=True)
+    monkeypatch.setattr(_numba, "HAVE_NUMBA", False)
     blocks = sample(pack_weights=False)
-    monkeypatch.setattr(kernels, "HAVE_NUMBA", False)
-    plain = sample(pack_weights=False)
-    assert shortcut == blocks == plain
+    assert packed == unpacked == compiled == blocks

@@ -1,19 +1,13 @@
-"""`generate` against `transformers`' generate and logits processors, plus seeds, stop strings and limits."""
+"""`generate` against `transformers`' generate (greedy, repetition penalty, min_new_tokens, eos), plus seeds, stop
+strings and limits. The sampler itself is tested against transformers' processors in test_sampler.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers.generation.logits_process import (
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
 from codegen_lm import CodeGenForCausalLM, CodeGenTokenizerFast
-from codegen_lm.generation import SamplingParams, TextStream
-from codegen_lm.generation.sampling import process_logits
+from codegen_lm.engine import TextStream
 
 from .conftest import load_hf
 from .test_model_parity import left_padding_mask, random_ids
@@ -78,37 +72,6 @@ def test_eos_ends_a_row_and_pads_the_rest(pair):
     # a list of eos ids works too, and generation stops when every row has finished
     both = ours.generate(ids, max_new_tokens=12, eos_token_id=[eos, int(free[1, 8])])
     assert both.shape[1] == 8 + 4
-
-
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(do_sample=True, temperature=0.7),
-        SamplingParams(do_sample=True, top_k=5),
-        SamplingParams(do_sample=True, top_k=1),
-        SamplingParams(do_sample=True, top_p=0.9),
-        SamplingParams(do_sample=True, top_p=0.2, temperature=1.5, top_k=50),
-        SamplingParams(do_sample=True, repetition_penalty=1.2, top_p=0.95, temperature=0.2),
-    ],
-)
-def test_sampling_distribution_matches_transformers_processors(params):
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 300, generator=g) * 3
-    logits[1, :10] = 5.0  # ties at the top-k boundary
-    context = torch.randint(0, 300, (4, 20), generator=g)
-    expected = logits.clone()
-    if params.repetition_penalty != 1.0:
-        expected = RepetitionPenaltyLogitsProcessor(params.repetition_penalty)(context, expected)
-    if params.temperature != 1.0:
-        expected = TemperatureLogitsWarper(params.temperature)(context, expected)
-    if params.top_k:
-        expected = TopKLogitsWarper(params.top_k)(context, expected)
-    if params.top_p < 1.0:
-        expected = TopPLogitsWarper(params.top_p)(context, expected)
-    got = process_logits(logits, params, context)
-    assert torch.equal(torch.isinf(got), torch.isinf(expected))
-    finite = torch.isfinite(expected)
-    assert torch.allclose(got[finite], expected[finite], atol=1e-6)
 
 
 @torch.no_grad()

@@ -110,83 +110,14 @@ _ACTIVATIONS = {
 }
 
 
-class Linear(nn.Linear):
-    """nn.Linear, with two faster routes for inference on the CPU (kernels.py):
-
-    - a few rows with a large weight (decoding) go to a numba kernel that reads the weights about
-      twice as fast as PyTorch's matmul;
-    - after `pack()`, more rows (batched decoding, prefill) use a oneDNN copy of the weight, about
-      twice as fast as PyTorch's default BLAS here (it costs a second copy of the weight in memory).
-    Training (autograd on) always takes the plain F.linear.
-    """
-
-    packed: torch.Tensor | None = None
-    _packed_version = -1
-
-    def pack(self) -> bool:
-        """Keep a oneDNN-packed copy of the (fp32, CPU) weight for products of many rows."""
-        from .kernels import can_pack, pack_weight
-
-        if self.packed is not None and self._packed_version == self._weight_version():
-            return True
-        if not can_pack(self.weight):
-            return False
-        self.packed = pack_weight(self.weight)
-        self._packed_version = self._weight_version()
-        return self.packed is not None
-
-    def packed_weight(self) -> torch.Tensor | None:
-        """The oneDNN-packed copy of the weight if there is one and it is current, else None."""
-        if self.packed is not None and self._packed_version == self._weight_version():
-            return self.packed
-        return None
-
-    def _weight_version(self) -> int:
-        """Bumped by every in-place change of the weight, so a stale packed copy is never used
-        (inference-mode tensors keep no counter: they are taken as unchanging)."""
-        return -2 if self.weight.is_inference() else self.weight._version
-
-    def unpack(self) -> None:
-        self.packed = None
-
-    def train(self, mode: bool = True) -> Linear:
-        if mode:
-            self.unpack()  # weights are about to change
-        return super().train(mode)
-
-    def fast_path(self, x: torch.Tensor, activation: tuple[str, str] = ("none", "")) -> torch.Tensor | None:
-        """act(x @ W^T + b) by a kernel from kernels.py, or None where none applies (training, GPU,
-        other dtypes); the activation is only fused on the packed route, so with an activation the
-        numba route is skipped."""
-        from .kernels import f32_matmul, packed_linear
-
-        if torch.is_grad_enabled() or not x.dim() or not x.shape[-1] or torch.compiler.is_compiling():
-            return None  # (torch.compile traces the plain F.linear: it cannot lower these calls)
-        rows = x.numel() // x.shape[-1]
-        flat = x.reshape(rows, x.shape[-1])
-        out = None
-        if activation[0] == "none":
-            out = f32_matmul(flat, self.weight)
-            if out is not None and self.bias is not None:
-                out += self.bias
-        packed = self.packed_weight() if out is None else None
-        if packed is not None:
-            out = packed_linear(flat, packed, self.bias, activation)
-        return None if out is None else out.view(*x.shape[:-1], self.out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.fast_path(x)
-        return F.linear(x, self.weight, self.bias) if out is None else out
-
-
 class CodeGenAttention(nn.Module):
     def __init__(self, config: CodeGenConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.dropout = config.attn_pdrop
-        self.qkv = Linear(config.n_embd, 3 * config.n_embd, bias=False)  # [q; k; v], see module doc
-        self.out_proj = Linear(config.n_embd, config.n_embd, bias=False)
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # [q; k; v], see module doc
+        self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(
         self,
@@ -201,32 +132,21 @@ class CodeGenAttention(nn.Module):
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
         q, k = apply_rotary(qkv[:, :, :2], cos[:, :, None], sin[:, :, None]).transpose(1, 3).unbind(2)
         v = qkv[:, :, 2].transpose(1, 2)
-        if hasattr(cache, "attend"):  # the engine's slot cache, which may share prompt keys between rows
-            y = cache.attend(self.layer_idx, q, k, v, mask, causal)
-        else:
-            if cache is not None:
-                k, v = cache.update(self.layer_idx, k, v)
-            y = attention(q, k, v, mask, causal, self.dropout if self.training else 0.0)
+        if cache is not None:  # anything with update(layer, k, v) -> all keys and values to attend to
+            k, v = cache.update(self.layer_idx, k, v)
+        y = attention(q, k, v, mask, causal, self.dropout if self.training else 0.0)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, E))
 
 
 class CodeGenMLP(nn.Module):
     def __init__(self, config: CodeGenConfig) -> None:
         super().__init__()
-        self.fc_in = Linear(config.n_embd, config.inner_dim)
-        self.fc_out = Linear(config.inner_dim, config.n_embd)
+        self.fc_in = nn.Linear(config.n_embd, config.inner_dim)
+        self.fc_out = nn.Linear(config.inner_dim, config.n_embd)
         self.act = _ACTIVATIONS[config.activation_function]
-        from .kernels import FUSABLE_ACTIVATIONS
-
-        self.fused_act = FUSABLE_ACTIVATIONS.get(config.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = None
-        if self.fused_act and getattr(self.fc_in, "packed", None) is not None:
-            h = self.fc_in.fast_path(x, self.fused_act)  # the activation fused into the product
-        if h is None:
-            h = self.act(self.fc_in(x))
-        return self.fc_out(h)
+        return self.fc_out(self.act(self.fc_in(x)))
 
 
 class CodeGenBlock(nn.Module):
@@ -453,7 +373,7 @@ class CodeGenForCausalLM(CodeGenPreTrainedModel):
     def __init__(self, config: CodeGenConfig) -> None:
         super().__init__(config)
         self.transformer = CodeGenModel(config)
-        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         if self.lm_head.weight.device.type != "meta":
             nn.init.normal_(self.lm_head.weight, mean=0.0, std=config.initializer_range)
             nn.init.zeros_(self.lm_head.bias)

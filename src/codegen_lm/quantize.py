@@ -3,7 +3,7 @@
 Weights are stored as int8 with one fp32 scale per output channel (symmetric, round to nearest:
 W ~ scale[o] * W8[o, :]); activations stay in the model's dtype. Decoding one token at a time reads
 every weight once per token, so int8 weights make it up to 4x lighter on memory bandwidth. The
-matrix products run in `kernels.int8_matmul` (a numba kernel on the CPU for a few rows at a time,
+matrix products run in `kernels.int8.int8_matmul` (a numba kernel on the CPU for a few rows at a time,
 e.g. decoding) or dequantize a block of rows at a time and use the ordinary matmul (many rows, e.g.
 prefill, or no numba, or a GPU).
 """
@@ -47,7 +47,7 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import int8_matmul
+        from .kernels.int8 import int8_matmul
 
         rows = x.reshape(-1, self.in_features)
         out = int8_matmul(rows, self.weight, self.weight_scale)

@@ -50,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("--stream prints one sample; use it without --num-samples")
     if args.stream and args.truncate:
         raise CliError("--truncate cuts whole completions; use it without --stream")
-    if args.speculative and (args.num_samples > 1 or args.stream):
-        raise CliError("--speculative generates one sample and prints it at the end; drop --num-samples/--stream")
     stops = [unescape(s) for s in args.stop]
     if any(not s for s in stops):
         raise CliError("--stop must not be empty")
@@ -66,44 +64,40 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc)) from None
     head = "" if args.completion_only else prompt
-    if args.speculative:
-        outputs = [_speculative(args, model, tokenizer, ids, params)]
+    speculative = _draft(args, model) if args.speculative else None
+    try:
+        engine = Engine(model, tokenizer, max_batch=min(args.num_samples, 64), compile=args.compile,
+                        prefix_cache_mb=0, speculative=speculative, speculative_tokens=args.draft_tokens)
+    except ValueError as exc:
+        raise CliError(f"--speculative {args.speculative}: {exc}") from None
+    handle = engine.submit(ids, params)
+    if args.stream:
+        sys.stdout.write(head)
+        for event in handle.stream():
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     else:
-        engine = Engine(model, tokenizer, max_batch=min(args.num_samples, 64), compile=args.compile)
-        handle = engine.submit(ids, params)
-        if args.stream:
-            sys.stdout.write(head)
-            for event in handle.stream():
-                sys.stdout.write(event.text)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            return 0
-        outputs = handle.result().outputs
-    for i, out in enumerate(outputs):
-        text = truncate_before_pattern(out.text, DEFAULT_TRUNCATE_PATTERNS) if args.truncate else out.text
-        if args.num_samples > 1:
-            print(f"===== sample {i + 1} =====")
-        print(head + text)
+        for i, out in enumerate(handle.result().outputs):
+            text = truncate_before_pattern(out.text, DEFAULT_TRUNCATE_PATTERNS) if args.truncate else out.text
+            if args.num_samples > 1:
+                print(f"===== sample {i + 1} =====")
+            print(head + text)
+    if args.speculative:
+        stats = engine.stats().speculative
+        print(f"codegen-lm: speculative decoding accepted {stats.accepted}/{stats.proposed} guesses "
+              f"({stats.acceptance_rate:.0%}), {stats.tokens_per_pass:.2f} tokens per target pass", file=sys.stderr)
     return 0
 
 
-def _speculative(args: argparse.Namespace, model, tokenizer, ids, params):
-    from ..engine.speculative import SpeculativeDecoder, SpeculativeStats
+def _draft(args: argparse.Namespace, model):
+    """'prompt-lookup', or the draft model named by --speculative."""
     from ..model import CodeGenForCausalLM
 
-    draft = args.speculative
-    if draft != "prompt-lookup":
-        try:
-            draft = CodeGenForCausalLM.from_pretrained(draft, dtype=model.dtype, device=model.device,
-                                                       quantize=args.quantize)
-        except (OSError, ValueError) as exc:
-            raise CliError(f"--speculative {args.speculative}: {exc}") from None
+    if args.speculative == "prompt-lookup":
+        return "prompt-lookup"
     try:
-        decoder = SpeculativeDecoder(model, tokenizer, draft=draft, k=args.draft_tokens)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    stats = SpeculativeStats()
-    out = decoder.generate(ids, params, stats)
-    print(f"codegen-lm: speculative decoding accepted {stats.accepted}/{stats.proposed} guesses "
-          f"({stats.acceptance_rate:.0%}), {stats.tokens_per_pass:.2f} tokens per target pass", file=sys.stderr)
-    return out
+        return CodeGenForCausalLM.from_pretrained(args.speculative, dtype=model.dtype, device=model.device,
+                                                  quantize=args.quantize)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"--speculative {args.speculative}: {exc}") from None

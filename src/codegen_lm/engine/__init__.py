@@ -1,9 +1,12 @@
-"""The inference engine: continuous batching over a slot KV cache, shared-prompt sampling, and
-speculative decoding for single sequences."""
+"""The inference engine: continuous batching over a slot KV cache, a prefix cache, chunked prefill,
+shared-prompt sampling and speculative decoding, for everything that generates."""
 
-from .engine import Engine, RequestHandle
+from .engine import Engine, EngineError, EngineStats, RequestHandle
 from .params import GenerationParams, RequestOutput, SequenceOutput, StreamEvent
-from .speculative import SpeculativeDecoder, SpeculativeStats, prompt_lookup
+from .prefix_cache import PrefixCacheStats
+from .speculative import SpeculativeStats, prompt_lookup
+from .text import TextStream, find_stop
 
-__all__ = ["Engine", "GenerationParams", "RequestHandle", "RequestOutput", "SequenceOutput", "SpeculativeDecoder",
-           "SpeculativeStats", "StreamEvent", "prompt_lookup"]
+__all__ = ["Engine", "EngineError", "EngineStats", "GenerationParams", "PrefixCacheStats", "RequestHandle",
+           "RequestOutput", "SequenceOutput", "SpeculativeStats", "StreamEvent", "TextStream", "find_stop",
+           "prompt_lookup"]

@@ -1,70 +1,68 @@
-"""The inference engine: a model, a slot cache, and continuous batching over a queue of requests.
+"""The inference engine: continuous batching of requests over a slot cache, with a prefix cache,
+chunked prefill and speculative decoding inside each step.
 
-A request (prompt ids + GenerationParams) waits in the queue until there are free slots for its
-samples. Its prompt is prefilled once; every sample gets a copy of the prompt's keys and values (the
-prompt's KV is kept aside while samples are still waiting, so a request with more samples than slots
-is still prefilled only once). Each step then decodes one token for every running sample, whatever
-request it belongs to; a sample that finishes frees its slot at once and the next waiting one takes
-it. `generate()`, the command line, the evaluators and the server all run on this.
+A step (one pass over the weights, engine/runner.py) advances everything at once: one token for each
+running sample (or, for a sample with speculative guesses, the pending token plus its guesses), and a
+chunk of the prompt being prefilled. Then the sampler (engine/sampler.py) picks each sample's tokens,
+text streams (engine/text.py) turn them into text and catch stop strings, finished samples free their
+slots, and waiting samples take them (engine/scheduler.py decides who and how much).
 
-Thread safety: `submit`, `cancel` and `step` may be called from different threads; a handle's
-`stream()` drives the engine itself unless a background loop (`start()`) is running.
+Prompts are looked up in the prefix cache (engine/prefix_cache.py) first: only positions no cached
+block covers are computed. Prompts and finished samples are stored there, so an editor's next
+keystroke or a conversation's next turn reuses them.
+
+Threads: `submit` and `cancel` only put things in an inbox and never wait for a running step; the
+step that follows takes them. Handles consume events from threads (`stream()`, `result()`) or from
+asyncio (`astream()`, `aresult()`) without polling. Without a background loop (`start()`), a thread
+waiting on a handle runs steps itself.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import threading
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from ..generation.stopping import Decoder, TextStream
-from ..model import CodeGenForCausalLM, Linear
-from .forward import CompiledForward, forward_rows
 from .params import GenerationParams, RequestOutput, SequenceOutput, StreamEvent
+from .prefix_cache import DEFAULT_MB, PrefixCache, PrefixCacheStats
+from .requests import Request, Sample
+from .runner import CompiledBlocks, Row, run
 from .sampler import choose
+from .scheduler import PREFILL_CHUNK, SOLO_CHUNK, Scheduler
 from .slot_cache import SlotCache
+from .speculative import DraftModel, SpeculativeStats, prompt_lookup
+from .text import Decoder, TextStream
+from .weights import prepare
+
+SPECULATIVE_TOKENS = 4  # guesses per step unless a request or the engine says otherwise
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request (the cause is chained)."""
 
 
 @dataclass
-class _Sample:
-    request: _Request
-    index: int  # which sample of its request
-    generator: torch.Generator | None
-    stream: TextStream | None
-    output: SequenceOutput
-    row: int = -1  # slot while running
-    length: int = 0  # tokens whose keys/values are cached
-    pending: int = -1  # sampled, not yet fed to the model
-    generated: int = 0
-
-
-@dataclass
-class _Request:
-    id: int
-    prompt_ids: list[int]
-    params: GenerationParams
-    max_new_tokens: int
-    eos: frozenset[int]
-    samples: list[_Sample] = field(default_factory=list)
-    to_admit: deque[_Sample] = field(default_factory=deque)
-    prefix: tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor] | None = None  # prompt KV, last logits
-    events: deque[StreamEvent] = field(default_factory=deque)
-    cancelled: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
-
-    @property
-    def finished(self) -> bool:
-        return all(s.output.finish_reason is not None for s in self.samples)
+class EngineStats:
+    running: int  # samples holding slots
+    waiting: int  # requests not yet fully admitted
+    prefix_cache: PrefixCacheStats | None
+    speculative: SpeculativeStats
+    steps: int
+    prefill_tokens: int  # prompt tokens computed (not taken from the prefix cache)
+    generated_tokens: int
 
 
 class RequestHandle:
-    """A submitted request: iterate `stream()` for text deltas as they come, or call `result()`."""
+    """A submitted request: its events as they come (`stream`/`astream`) or its result."""
 
-    def __init__(self, engine: Engine, request: _Request) -> None:
+    def __init__(self, engine: Engine, request: Request) -> None:
         self._engine, self._request = engine, request
 
     @property
@@ -73,84 +71,127 @@ class RequestHandle:
 
     def stream(self) -> Iterator[StreamEvent]:
         """StreamEvents of all samples, in the order they are produced."""
-        request = self._request
         while True:
-            with self._engine._lock:
-                events = list(request.events)
-                request.events.clear()
+            events, done = self._engine._take_events(self._request, block=True)
             yield from events
-            if request.done.is_set() and not request.events:
+            if done:
                 return
-            self._engine._wait_or_step(request)
+
+    async def astream(self) -> AsyncIterator[StreamEvent]:
+        """The same events for asyncio: the engine runs in its background thread (started if needed)
+        and wakes this coroutine when there is something new."""
+        engine, request = self._engine, self._request
+        engine.start()
+        loop = asyncio.get_running_loop()
+        while True:
+            with engine._cond:
+                events, done = engine._drain(request)
+                future = None
+                if not events and not done:
+                    future = loop.create_future()
+                    request.waiters.append((loop, future))
+            for event in events:
+                yield event
+            if done:
+                return
+            if future is not None:
+                await future
 
     def result(self) -> RequestOutput:
-        while not self._request.done.is_set():
-            self._engine._wait_or_step(self._request)
-        return RequestOutput(self._request.id, list(self._request.prompt_ids),
-                             [s.output for s in self._request.samples])
+        for _ in self.stream():
+            pass
+        return self._request.output()
+
+    async def aresult(self) -> RequestOutput:
+        async for _ in self.astream():
+            pass
+        return self._request.output()
 
     def cancel(self) -> None:
         self._engine.cancel(self._request.id)
 
 
-PACK_LIMIT = 2 << 30  # bytes of fp32 weights below which an engine keeps oneDNN copies by default
-
-
-def pack_linears(model: CodeGenForCausalLM, pack: bool | None = None) -> None:
-    """Give every fp32 Linear a oneDNN-packed copy of its weight (see model.Linear); None: only when
-    the weights take at most PACK_LIMIT bytes, since the copy doubles their memory."""
-    if pack is None:
-        size = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, Linear))
-        pack = size <= PACK_LIMIT
-    if pack:
-        for module in model.modules():
-            if isinstance(module, Linear):
-                module.pack()
-
-
 class Engine:
     def __init__(
         self,
-        model: CodeGenForCausalLM,
+        model: nn.Module,
         tokenizer: Decoder | None = None,
         max_batch: int = 16,
         max_seq_len: int | None = None,
         initial_len: int = 256,
         pack_weights: bool | None = None,
         compile: bool = False,
+        prefix_cache_mb: float = DEFAULT_MB,
+        prefill_chunk: int = PREFILL_CHUNK,
+        solo_chunk: int = SOLO_CHUNK,
+        speculative: str | nn.Module | None = None,
+        speculative_tokens: int = SPECULATIVE_TOKENS,
     ) -> None:
         """max_batch: KV slots (samples decoded together). max_seq_len: longest prompt + completion
         (default: the model's context). pack_weights: keep a oneDNN copy of every fp32 weight on the
         CPU, about twice as fast for batched decoding and prefill but twice the weight memory; None
-        packs when the weights take at most PACK_LIMIT bytes. compile: run the decode step through
-        torch.compile (the first steps pay for compilation; falls back to eager if it fails)."""
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        packs when the weights take at most 2 GiB. compile: run the model's blocks through
+        torch.compile instead of the CPU kernels (falls back to eager if compiling fails).
+        prefix_cache_mb: memory for keys and values kept for reuse (0: no prefix cache).
+        prefill_chunk / solo_chunk: prompt tokens prefilled per step while other samples are running /
+        when none is. speculative: "prompt-lookup", or a draft model sharing the vocabulary, used for
+        requests that do not choose (GenerationParams.speculative), with speculative_tokens guesses per
+        step; None: no speculation unless a request asks for prompt lookup."""
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if not prefix_cache_mb >= 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb!r}")
+        if not 1 <= speculative_tokens <= 16:
+            raise ValueError(f"speculative_tokens must be in [1, 16], got {speculative_tokens!r}")
         self.model = model.eval()
-        pack_linears(model, pack_weights)
+        prepare(model, pack_weights)
         self.tokenizer = tokenizer
-        self._decode_forward = CompiledForward() if compile else forward_rows
         config = model.config
         self.max_seq_len = min(max_seq_len or config.n_positions, config.n_positions)
+        self.draft: DraftModel | None = None
+        self.speculative, self.speculative_tokens = "off", speculative_tokens
+        if isinstance(speculative, str):
+            if speculative not in ("off", "prompt-lookup"):
+                raise ValueError(f"speculative must be 'prompt-lookup', 'off' or a draft model, got {speculative!r}")
+            self.speculative = speculative
+        elif speculative is not None:
+            if speculative.config.vocab_size != config.vocab_size:
+                raise ValueError(f"the draft model's vocabulary ({speculative.config.vocab_size}) differs from the "
+                                 f"target's ({config.vocab_size})")
+            self.max_seq_len = min(self.max_seq_len, speculative.config.n_positions)
+            self.draft = DraftModel(speculative, max_batch, self.max_seq_len, pack_weights)
+            self.speculative = "draft"
         self.max_batch = max_batch
-        self.device = model.device
-        self.cache = SlotCache(config.n_layer, max_batch, config.n_head, config.head_dim, self.max_seq_len,
-                               model.dtype, self.device, initial_len=initial_len)
+        self.device = model.transformer.wte.weight.device
+        self.staging = max_batch  # the slot where prompts are prefilled
+        self.cache = SlotCache(config.n_layer, max_batch + 1, config.n_head, config.head_dim, self.max_seq_len,
+                               model.transformer.wte.weight.dtype, self.device, initial_len=initial_len)
+        self.prefix_cache: PrefixCache | None = None
+        if prefix_cache_mb > 0:
+            shape = (2, config.n_layer, config.n_head, 16, config.head_dim)
+            self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20), shape, self.cache.dtype, self.device)
+        self.scheduler = Scheduler(max_batch, prefill_chunk, solo_chunk)
+        self._blocks = CompiledBlocks() if compile else None
         self.vocab = config.vocab_size
         self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)
-        self.rows: list[_Sample] = []  # running samples; rows[i].row == i
-        self.waiting: deque[_Request] = deque()
-        self.requests: dict[int, _Request] = {}
+        self.rows: list[Sample] = []  # running samples; rows[i].row == i
+        self.requests: dict[int, Request] = {}
+        self.spec_stats = SpeculativeStats()
+        self._steps = self._prefill_tokens = self._generated = 0
         self._ids = itertools.count()
-        self._lock = threading.RLock()
-        self._wake = threading.Condition(self._lock)
+        self._cond = threading.Condition()  # inbox, events, wake-ups; held only briefly
+        self._inbox: list[Request] = []
+        self._cancels: list[int] = []
+        self._step_lock = threading.Lock()  # one step at a time
+        self._flush: dict[int, tuple[Request, list[StreamEvent]]] = {}  # this step's events, by request
         self._thread: threading.Thread | None = None
         self._stopping = False
 
     # ---- submitting -------------------------------------------------------------------------------
 
     def submit(self, prompt: str | Sequence[int], params: GenerationParams | None = None, **kwargs) -> RequestHandle:
-        """Queue a prompt (text, or token ids) for generation; kwargs build the GenerationParams."""
+        """Queue a prompt (text, or token ids) for generation; kwargs build the GenerationParams.
+        Returns at once: the request starts at the next step."""
         params = params or GenerationParams(**kwargs)
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -168,48 +209,64 @@ class Engine:
                              "positions (it must leave room for at least one new token)")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
+        mode = params.speculative or self.speculative
+        if mode == "draft" and self.draft is None:
+            raise ValueError("speculative='draft' needs an engine with a draft model (Engine(speculative=model))")
         eos = params.eos_token_ids if params.eos_token_ids is not None else self.model.config.eos_token_ids
-        with self._lock:
-            request = _Request(next(self._ids), prompt_ids, params,
-                               min(params.max_new_tokens, self.max_seq_len - len(prompt_ids)), frozenset(eos))
-            for j in range(params.n):
-                generator = None
-                if params.seed is not None and params.temperature > 0:
-                    generator = torch.Generator(device=self.device)
-                    generator.manual_seed((params.seed * 1_000_003 + j) % 2**63)
-                stream = TextStream(self.tokenizer, params.stop, params.skip_special_tokens) if self.tokenizer else None
-                output = SequenceOutput(j, logprobs=[] if params.logprobs is not None else None,
-                                        top_logprobs=[] if params.logprobs else None)
-                sample = _Sample(request, j, generator, stream, output)
-                request.samples.append(sample)
-                request.to_admit.append(sample)
+        request = Request(next(self._ids), prompt_ids, params,
+                          min(params.max_new_tokens, self.max_seq_len - len(prompt_ids)), frozenset(eos),
+                          sorted(eos), mode, params.speculative_tokens or self.speculative_tokens, time.perf_counter())
+        for j in range(params.n):
+            generator = None
+            if params.seed is not None and not params.greedy:
+                generator = torch.Generator(device=self.device)
+                generator.manual_seed((params.seed * 1_000_003 + j) % 2**63)
+            stream = TextStream(self.tokenizer, params.stop, params.skip_special_tokens) if self.tokenizer else None
+            output = SequenceOutput(j, logprobs=[] if params.logprobs is not None else None,
+                                    top_logprobs=[] if params.logprobs else None)
+            sample = Sample(request, j, generator, stream, output)
+            request.samples.append(sample)
+            request.to_admit.append(sample)
+        with self._cond:
             self.requests[request.id] = request
-            self.waiting.append(request)
-            self._wake.notify_all()
+            self._inbox.append(request)
+            self._cond.notify_all()
         return RequestHandle(self, request)
 
     def cancel(self, request_id: int) -> None:
-        """Stop a request: its running samples free their slots at the next step."""
-        with self._lock:
+        """Stop a request: its samples free their slots at the next step."""
+        with self._cond:
             request = self.requests.get(request_id)
             if request is not None:
                 request.cancelled = True
-                self._wake.notify_all()
+                self._cancels.append(request_id)
+                self._cond.notify_all()
 
     # ---- running ----------------------------------------------------------------------------------
 
     @property
     def idle(self) -> bool:
-        return not self.rows and not self.waiting
+        return not self.rows and not len(self.scheduler) and not self._inbox
+
+    def stats(self) -> EngineStats:
+        """Counters for metrics (read from any thread; a snapshot, not a transaction)."""
+        return EngineStats(len(self.rows), len(self.scheduler) + len(self._inbox),
+                           self.prefix_cache.stats() if self.prefix_cache else None,
+                           SpeculativeStats(**vars(self.spec_stats)), self._steps, self._prefill_tokens,
+                           self._generated)
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """Admit what fits, then decode one token for every running sample. Returns False when idle."""
-        with self._lock:
-            self._drop_cancelled()
-            self._admit()
-            if self.rows:
-                self._decode()
+        """One step: take new requests and cancellations, admit what fits, run one pass (decode,
+        speculative checks, a prefill chunk), sample. Returns False when there is nothing left to do."""
+        with self._step_lock:
+            try:
+                self._step()
+            except BaseException as exc:
+                self._fail(exc)
+                raise
+            finally:
+                self._publish()
             return not self.idle
 
     def run(self) -> None:
@@ -218,158 +275,312 @@ class Engine:
             pass
 
     def start(self) -> None:
-        """Run the engine in a background thread (for servers); handles then just wait."""
-        if self._thread is not None:
-            return
-        self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="codegen-lm-engine", daemon=True)
-        self._thread.start()
+        """Run the engine in a background thread (servers, asyncio); handles then just wait."""
+        with self._cond:
+            if self._thread is not None:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="codegen-lm-engine", daemon=True)
+            self._thread.start()
 
     def stop(self) -> None:
-        with self._lock:
+        with self._cond:
             self._stopping = True
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self._thread = None
 
     def _loop(self) -> None:
         while True:
-            with self._lock:
+            with self._cond:
                 while self.idle and not self._stopping:
-                    self._wake.wait()
+                    self._cond.wait()
                 if self._stopping:
                     return
-            self.step()
+            with contextlib.suppress(Exception):  # step() failed the requests it was running; serve new ones
+                self.step()
 
-    def _wait_or_step(self, request: _Request) -> None:
-        if self._thread is not None:
-            with self._lock:
-                if not request.events and not request.done.is_set():
-                    self._wake.wait(timeout=0.1)
-        else:
-            self.step()
+    def _fail(self, exc: BaseException) -> None:
+        """A step raised: end every request with the error rather than leave its handle waiting."""
+        with self._cond:
+            for request in list(self.requests.values()):
+                request.error, request.done = exc, True
+                self._wake(request)
+            self.requests.clear()
+            self._inbox.clear()
+            self._flush.clear()
+            self._cond.notify_all()
+        self.rows.clear()
+        self.scheduler = Scheduler(self.max_batch, self.scheduler.prefill_chunk, self.scheduler.solo_chunk)
 
-    # ---- internals --------------------------------------------------------------------------------
+    # ---- events -----------------------------------------------------------------------------------
 
-    def _drop_cancelled(self) -> None:
-        for sample in [s for s in self.rows if s.request.cancelled]:
-            self._finish(sample, "cancelled")
+    def _drain(self, request: Request) -> tuple[list[StreamEvent], bool]:
+        """(events so far, whether that is all of them); the caller holds self._cond."""
+        events = list(request.events)
+        request.events.clear()
+        if request.done and request.error is not None and not events:
+            raise EngineError(f"the engine failed: {request.error}") from request.error
+        return events, request.done
+
+    def _take_events(self, request: Request, block: bool) -> tuple[list[StreamEvent], bool]:
+        while True:
+            with self._cond:
+                events, done = self._drain(request)
+                if events or done:
+                    return events, done
+                if self._thread is not None:
+                    self._cond.wait()
+                    continue
+            self.step()  # no background loop: drive the engine from this thread
+
+    def _emit(self, request: Request, event: StreamEvent) -> None:
+        """Queue an event; consumers get this step's events together, at _publish."""
+        self._flush.setdefault(request.id, (request, []))[1].append(event)
+
+    def _publish(self) -> None:
+        """Hand this step's events to their consumers and wake them."""
+        if not self._flush:
+            return
+        with self._cond:
+            for request, events in self._flush.values():
+                request.events.extend(events)
+                if request.finished and not request.done:
+                    request.done = True
+                    request.finished_at = time.perf_counter()
+                    self.requests.pop(request.id, None)
+                self._wake(request)
+            self._flush.clear()
+            self._cond.notify_all()
+
+    @staticmethod
+    def _wake(request: Request) -> None:
+        for loop, future in request.waiters:
+            loop.call_soon_threadsafe(_resolve, future)
+        request.waiters.clear()
+
+    # ---- the step ---------------------------------------------------------------------------------
+
+    def _step(self) -> None:
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, []
+        for request in inbox:
+            self.scheduler.add(request)
+        if cancels:
+            self._drop_cancelled()
+        self._admit()
+        staged = self.scheduler.stage()
+        if staged is not None:
+            self._start_prefill(staged)
+        rows, guesses, shared = self._decode_rows()
+        chunk = self.scheduler.chunk(len(self.rows))
+        if chunk is not None:
+            request = self.scheduler.staged
+            start, end = chunk
+            last = end == len(request.prompt_ids)
+            rows.append(Row(self.staging, start, request.prompt_ids[start:end], "last" if last else "none"))
+        if not rows:
+            return
+        self._steps += 1
+        logits = run(self.model, self.cache, rows, shared, self._blocks)
+        decoded = len(self.rows)
+        if decoded:
+            self._verify(rows[:decoded], logits, guesses)
+        if chunk is not None:
+            request.prefilled = end
+            self._prefill_tokens += end - start
+            if last:
+                request.logits = logits[-1].clone()
+                self._store(request.prompt_ids, self.staging)
+                self._admit()
         self._release_finished()
-        for request in [r for r in self.waiting if r.cancelled]:
-            self.waiting.remove(request)
-            for sample in request.to_admit:
-                self._finish(sample, "cancelled")
-            request.to_admit.clear()
-            request.prefix = None
+
+    def _start_prefill(self, request: Request) -> None:
+        """Put the longest cached run of the prompt's blocks into the staging slot."""
+        if self.prefix_cache is None:
+            return
+        blocks = self.prefix_cache.lookup(request.prompt_ids, len(request.prompt_ids) - 1)
+        size = self.prefix_cache.block_tokens
+        for i, data in enumerate(blocks):
+            self.cache.write(self.staging, i * size, data)
+        request.prefilled = request.cached_tokens = len(blocks) * size
+
+    def _store(self, tokens: list[int], slot: int) -> None:
+        """Keep the keys and values of `tokens` (cached in `slot`) in the prefix cache."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(tokens, lambda start, end, out: self.cache.read(slot, start, end, out))
 
     def _admit(self) -> None:
-        """Give free slots to waiting samples, first come first served."""
-        while self.waiting and len(self.rows) < self.max_batch:
-            request = self.waiting[0]
-            take = min(len(request.to_admit), self.max_batch - len(self.rows))
-            first = len(self.rows)
-            prompt_len = len(request.prompt_ids)
-            if request.prefix is None:
-                ids = torch.tensor([request.prompt_ids], device=self.device)
-                logits = forward_rows(self.model, self.cache, ids, [0], first_slot=first)[0]
-                if take < len(request.to_admit):  # samples will wait: keep the prompt's KV aside
-                    request.prefix = ([k[first, :, :prompt_len].clone() for k in self.cache.keys],
-                                      [v[first, :, :prompt_len].clone() for v in self.cache.values], logits)
-                self.cache.copy_slot(first, slice(first + 1, first + take), prompt_len)
-            else:
-                keys, values, logits = request.prefix
-                self.cache.ensure(prompt_len)
-                for layer in range(len(keys)):
-                    self.cache.keys[layer][first : first + take, :, :prompt_len] = keys[layer]
-                    self.cache.values[layer][first : first + take, :, :prompt_len] = values[layer]
-            prompt_seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
-            prompt_seen[torch.tensor(request.prompt_ids, device=self.device)] = True
-            self.seen[first : first + take] = prompt_seen
-            admitted = [request.to_admit.popleft() for _ in range(take)]
-            for i, sample in enumerate(admitted):
-                sample.row, sample.length = first + i, prompt_len
-                self.rows.append(sample)
-            if not request.to_admit:
-                self.waiting.popleft()
-                request.prefix = None
-            self._pick(logits.expand(take, -1), admitted)
-            self._release_finished()
+        """Give free slots to the staged request's samples once its prompt is prefilled."""
+        take = self.scheduler.admissions(len(self.rows))
+        if not take:
+            return
+        request = self.scheduler.staged
+        prompt_len = len(request.prompt_ids)
+        prompt_seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
+        prompt_seen[torch.tensor(request.prompt_ids, device=self.device)] = True
+        admitted = [request.to_admit.popleft() for _ in range(take)]
+        for sample in admitted:
+            sample.row, sample.length = len(self.rows), prompt_len
+            self.cache.copy_slot(self.staging, sample.row, prompt_len)
+            self.seen[sample.row] = prompt_seen
+            self.rows.append(sample)
+        self.scheduler.admitted()
+        if request.first_token_at is None:
+            request.first_token_at = time.perf_counter()
+        choices = self._choose(request.logits.expand(take, -1), admitted)
+        for sample, choice in zip(admitted, choices):
+            self._take(sample, choice)
+        if not request.to_admit:
+            request.logits = None
+        self._release_finished()  # samples done at their first token (eos, max_new_tokens=1)
 
-    def _decode(self) -> None:
-        tokens = torch.tensor([[s.pending] for s in self.rows], device=self.device)
-        starts = [s.length for s in self.rows]
-        groups: dict[int, list[int]] = {}
+    def _decode_rows(self) -> tuple[list[Row], list[list[int]], list[tuple[list[int], int]]]:
+        """A Row per running sample: its pending token, plus guesses where it speculates; and the
+        groups of single-token rows that share a prompt."""
+        guesses = self._propose()
+        rows, groups = [], {}
+        for i, (s, g) in enumerate(zip(self.rows, guesses)):
+            rows.append(Row(s.row, s.length, [s.pending, *g], "all" if g else "last"))
+            if not g:
+                groups.setdefault(s.request.id, ([], len(s.request.prompt_ids)))[0].append(i)
+        return rows, guesses, [g for g in groups.values() if len(g[0]) > 1]
+
+    def _propose(self) -> list[list[int]]:
+        guesses: list[list[int]] = [[] for _ in self.rows]
+        drafts = []
         for i, s in enumerate(self.rows):
-            groups.setdefault(id(s.request), []).append(i)
-        shared = [(rows, len(self.rows[rows[0]].request.prompt_ids)) for rows in groups.values() if len(rows) > 1]
-        logits = self._decode_forward(self.model, self.cache, tokens, starts, shared=shared)
-        for s in self.rows:
-            s.length += 1
-        self._pick(logits, list(self.rows))
-        self._release_finished()
-
-    def _pick(self, logits: torch.Tensor, samples: list[_Sample]) -> None:
-        """Sample the next token of each of `samples` (logits row i belongs to samples[i])."""
-        groups: dict[int, tuple[list[int], object, int | None]] = {}
-        for i, s in enumerate(samples):
-            group = groups.setdefault(s.request.id, ([], s.request.params.sampling, s.request.params.logprobs))
-            group[0].append(i)
-        banned = [sorted(s.request.eos) if s.generated < s.request.params.min_new_tokens else [] for s in samples]
-        rows = torch.tensor([s.row for s in samples], device=self.device)
-        choices = choose(logits, list(groups.values()), [s.generator for s in samples], self.seen, banned, rows)
-        for s, choice in zip(samples, choices):
-            token = choice.token
-            s.pending = token
-            s.generated += 1
-            self.seen[s.row, token] = True
-            out = s.output
-            out.token_ids.append(token)
-            if out.logprobs is not None:
-                out.logprobs.append(choice.logprob)
-                if out.top_logprobs is not None:
-                    out.top_logprobs.append(choice.top)
-            finish = None
-            delta = ""
-            if token in s.request.eos:
-                finish = "stop"
-            elif s.stream is not None:
-                delta = s.stream.push(token)
-                if s.stream.stopped:
-                    finish = "stop"
-            if finish is None and s.generated >= s.request.max_new_tokens:
-                finish = "length"
-            if finish is None:
-                s.request.events.append(StreamEvent(s.index, delta, [token]))
+            request = s.request
+            if request.speculative == "off":
+                continue
+            room = min(request.speculative_tokens, request.max_new_tokens - s.generated - 1,
+                       self.max_seq_len - 1 - s.length)
+            if room <= 0:
+                continue
+            if request.speculative == "prompt-lookup":
+                guesses[i] = prompt_lookup(s.context(), room)
             else:
-                self._finish(s, finish, delta, [token])
+                drafts.append((i, room))
+        if drafts:
+            wants = [(self.rows[i].row, self.rows[i].context(), self.rows[i].draft_cached, k) for i, k in drafts]
+            for (i, _), (g, cached) in zip(drafts, self.draft.propose(wants)):
+                guesses[i] = g
+                self.rows[i].draft_cached = cached
+        return guesses
 
-    def _finish(self, sample: _Sample, reason: str, delta: str = "", tokens: list[int] | None = None) -> None:
+    def _verify(self, rows: list[Row], logits: torch.Tensor, guesses: list[list[int]]) -> None:
+        """Sample each running row's next token; where it checked guesses, keep sampling the following
+        positions while the sampled token equals the guess (see speculative.py)."""
+        samples = list(self.rows)
+        offsets, at = [], 0
+        for row in rows:
+            offsets.append(at)
+            at += row.logits_count
+        active = list(range(len(samples)))
+        depth = 0
+        while active:
+            index = [offsets[i] + depth for i in active]
+            if index == list(range(index[0], index[0] + len(index))):
+                block = logits[index[0] : index[0] + len(index)]
+            else:
+                block = logits[torch.tensor(index)]
+            choices = self._choose(block, [samples[i] for i in active])
+            following = []
+            for i, choice in zip(active, choices):
+                s, g = samples[i], guesses[i]
+                s.length += 1  # the token fed at this depth is now part of the sequence
+                if depth < len(g) and choice.token == g[depth]:
+                    self.spec_stats.accepted += 1
+                    if self._take(s, choice):
+                        following.append(i)
+                else:
+                    self._take(s, choice)
+            active, depth = following, depth + 1
+        for s, g in zip(samples, guesses):
+            if g:
+                self.spec_stats.proposed += len(g)
+                self.spec_stats.passes += 1
+                s.draft_cached = min(s.draft_cached, s.length)
+
+    def _choose(self, logits: torch.Tensor, samples: list[Sample]):
+        banned = [s.request.banned if s.generated < s.request.params.min_new_tokens else () for s in samples]
+        return choose(logits, [s.request.params for s in samples], [s.generator for s in samples], self.seen,
+                      [s.row for s in samples], banned)
+
+    def _take(self, s: Sample, choice) -> bool:
+        """Append a chosen token to sample s (text, events, stop checks); False once it has finished."""
+        token = choice.token
+        s.pending = token
+        s.generated += 1
+        self._generated += 1
+        self.seen[s.row, token] = True
+        out = s.output
+        out.token_ids.append(token)
+        if out.logprobs is not None:
+            out.logprobs.append(choice.logprob)
+            if out.top_logprobs is not None:
+                out.top_logprobs.append(choice.top)
+        finish = None
+        delta = ""
+        if token in s.request.eos:
+            finish = "stop"
+        elif s.stream is not None:
+            delta = s.stream.push(token)
+            if s.stream.stopped:
+                finish = "stop"
+        if finish is None and s.generated >= s.request.max_new_tokens:
+            finish = "length"
+        if finish is None:
+            self._emit(s.request, StreamEvent(s.index, delta, [token]))
+            return True
+        self._finish(s, finish, delta, [token])
+        return False
+
+    def _finish(self, sample: Sample, reason: str, delta: str = "", tokens: list[int] | None = None) -> None:
         """Mark a sample done and emit its last event (the rest of its text, its last token)."""
-        if sample.output.finish_reason is not None:
+        if sample.finished:
             return
         if sample.stream is not None:
             if reason != "cancelled":
                 delta += sample.stream.finish()
             sample.output.text = sample.stream.text
         sample.output.finish_reason = reason
-        request = sample.request
-        request.events.append(StreamEvent(sample.index, delta, tokens or [], reason))
-        if request.finished:
-            request.done.set()
-            self.requests.pop(request.id, None)
-        self._wake.notify_all()
+        self._emit(sample.request, StreamEvent(sample.index, delta, tokens or [], reason))
+
+    def _drop_cancelled(self) -> None:
+        for sample in self.rows:
+            if sample.request.cancelled:
+                self._finish(sample, "cancelled")
+        for request in [r for r in [self.scheduler.staged, *self.scheduler.waiting] if r is not None and r.cancelled]:
+            self.scheduler.drop(request)
+            for sample in request.to_admit:
+                self._finish(sample, "cancelled")
+            request.to_admit.clear()
+            request.logits = None
+        self._release_finished()
 
     def _release_finished(self) -> None:
-        """Free the slots of finished samples, moving the last running sample into each hole."""
+        """Free the slots of finished samples (their keys and values go to the prefix cache first),
+        moving the last running sample into each hole."""
         for i in range(len(self.rows) - 1, -1, -1):
             sample = self.rows[i]
-            if sample.output.finish_reason is None:
+            if not sample.finished:
                 continue
+            self._store(sample.context()[: sample.length], sample.row)
             last = self.rows.pop()
             if last is not sample:
                 self.cache.copy_slot(last.row, i, last.length)
+                if self.draft is not None:
+                    self.draft.move(last.row, i, last.draft_cached)
                 self.seen[i] = self.seen[last.row]
                 last.row = i
                 self.rows[i] = last
             sample.row = -1
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

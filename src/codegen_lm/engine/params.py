@@ -1,16 +1,24 @@
-"""What a request asks for, and what it gets back."""
+"""What a request asks for (GenerationParams, the one settings type), and what it gets back."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..generation.sampling import SamplingParams
+SPECULATIVE_MODES = ("off", "prompt-lookup", "draft")
 
 
 @dataclass(frozen=True)
 class GenerationParams:
-    """Everything about how one request is continued. temperature 0 (the default) is greedy."""
+    """Everything about how one request is continued, checked once when it is made.
+
+    temperature 0 (the default) is greedy. top_k 0 and top_p 1 disable those filters. The
+    repetition penalty is CTRL's (tokens of the prompt and of the sample so far: positive logits
+    divided by it, negative ones multiplied). speculative: None follows the engine's setting; "off",
+    "prompt-lookup" or "draft" (the engine's draft model) choose for this request, with
+    speculative_tokens guesses per step (None: the engine's).
+    """
 
     n: int = 1  # samples of the prompt (they share its prefill)
     max_new_tokens: int = 128
@@ -24,30 +32,61 @@ class GenerationParams:
     seed: int | None = None  # sample j draws from its own generator seeded from (seed, j)
     logprobs: int | None = None  # None: none; 0: the chosen tokens'; N: also the top N alternatives
     skip_special_tokens: bool = True
+    speculative: str | None = None
+    speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name, low in (("n", 1), ("max_new_tokens", 1), ("min_new_tokens", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
-            raise ValueError(f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}")
+            _check_int(name, getattr(self, name), low)
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        _check_int("top_k", self.top_k, 0, "(0 disables it)")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0, "or None", high=20)
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError("stop strings must be non-empty strings")
-        self.sampling  # validates temperature, top_k, top_p, repetition_penalty  # noqa: B018
+        if self.eos_token_ids is not None:
+            ids = (self.eos_token_ids,) if isinstance(self.eos_token_ids, int) else tuple(self.eos_token_ids)
+            for token in ids:
+                _check_int("eos_token_ids", token, 0)
+            object.__setattr__(self, "eos_token_ids", ids)
+        if self.seed is not None:
+            _check_int("seed", self.seed, None)
+        if self.speculative is not None and self.speculative not in SPECULATIVE_MODES:
+            raise ValueError(f"speculative must be None or one of {', '.join(SPECULATIVE_MODES)}; "
+                             f"got {self.speculative!r}")
+        if self.speculative_tokens is not None:
+            _check_int("speculative_tokens", self.speculative_tokens, 1, high=16)
 
     @property
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(do_sample=self.temperature > 0, temperature=self.temperature or 1.0, top_k=self.top_k,
-                              top_p=self.top_p, repetition_penalty=self.repetition_penalty)
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
+def _check_int(name: str, value: object, low: int | None, note: str = "", high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) or (
+            high is not None and value > high):
+        rule = "an integer" + (f" >= {low}" if low is not None else "")
+        rule += f" and <= {high}" if high is not None else ""
+        raise ValueError(f"{name} must be {rule}{' ' + note if note else ''}, got {value!r}")
 
 
 @dataclass
 class SequenceOutput:
     """One sample: its tokens (eos included when it ended on one), text (stop strings and what follows
-    cut off), why it ended ("stop", "length" or "cancelled") and, if asked, log-probabilities."""
+    cut off), why it ended ("stop", "length" or "cancelled") and, if asked, log-probabilities (of the
+    model's distribution: log-softmax of the raw logits)."""
 
     index: int
     token_ids: list[int] = field(default_factory=list)
@@ -59,9 +98,17 @@ class SequenceOutput:
 
 @dataclass
 class RequestOutput:
+    """A finished (or cancelled) request. cached_tokens: prompt tokens whose keys and values came from
+    the prefix cache instead of being computed. Times are time.perf_counter() readings: submitted,
+    first token decided, finished."""
+
     request_id: int
     prompt_ids: list[int]
     outputs: list[SequenceOutput]
+    cached_tokens: int = 0
+    submitted_at: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -1,22 +1,53 @@
-"""Picking the next token of every running row, each row with its own request's settings.
+"""The one sampler: from a row's logits and its request's settings to the next token.
 
-Rows that share settings (the samples of one request) are processed together; each row draws from
-its own generator, so what a sequence samples does not depend on which others share the step.
+The order and edge cases follow the `transformers` processors, so that the same settings mean the
+same distribution in both: repetition penalty on the raw logits, eos banned before min_new_tokens,
+then temperature, top-k (ties with the k-th kept) and top-p (the smallest set of most likely tokens
+whose probability exceeds p, at least one). Log-probabilities reported to the caller are the model's
+own: log-softmax of the raw logits.
+
+Every row draws from its own generator and takes the same path whatever else is in the step, so what a
+sequence samples does not depend on its batch company (nor on whether speculative decoding is on:
+a verified position consumes exactly the random numbers a plain step would).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .. import kernels
-from ..generation.sampling import SamplingParams, top_k_filter
+from ..kernels.draw import draw_rows
+from .params import GenerationParams
 
 CANDIDATES = 256  # top-k/top-p look at this many most likely tokens first, at all of them only if needed
 
 
-def _uniforms(generators: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
+@dataclass
+class RowChoice:
+    token: int
+    logprob: float | None = None
+    top: dict[int, float] | None = None
+
+
+def penalise_seen(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty over a [rows, V] bitmap of the tokens each row has seen."""
+    if penalty == 1.0:
+        return scores
+    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
+    return torch.where(seen, penalised, scores)
+
+
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest scores of each row (and any tied with the k-th)."""
+    if k <= 0 or k >= scores.shape[-1]:
+        return scores
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, float("-inf"))
+
+
+def _uniforms(generators: Sequence[torch.Generator | None], device: torch.device) -> torch.Tensor:
     """One uniform number per row, each from the row's own generator."""
     return torch.stack([torch.rand((), generator=g, device=device) for g in generators])
 
@@ -30,25 +61,26 @@ def _inverse_cdf(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return index.clamp_(max=weights.shape[-1] - 1)
 
 
-def draw(scores: torch.Tensor, params: SamplingParams, generators: list[torch.Generator | None]) -> list[int]:
+def draw(scores: torch.Tensor, top_k: int, top_p: float, generators: Sequence[torch.Generator | None]) -> list[int]:
     """One token per row of temperature-scaled `scores` [rows, V], after top-k and top-p.
 
-    The distribution of `top_p_filter(top_k_filter(...))`, computed without sorting the vocabulary:
-    - usually on each row's few hundred most likely tokens, since the top-p nucleus of a trained model
-      almost always lies among them (which the code checks);
-    - otherwise (flat distributions, e.g. random weights or a high temperature) by drawing from the
-      whole distribution and redrawing while the token falls outside the nucleus, i.e. while the more
-      likely tokens already hold p of the mass: that is rejection sampling of the renormalised nucleus.
+    The distribution of top-p(top-k(softmax)), computed without sorting the vocabulary:
+    - on the row's few hundred most likely tokens when they hold the whole nucleus (a trained model's
+      nucleus almost always lies among them, which is checked per row);
+    - otherwise (flat distributions: random weights, a high temperature) by drawing from the whole
+      distribution and redrawing while the token falls outside the nucleus, i.e. while the more likely
+      tokens already hold p of the mass: rejection sampling of the renormalised nucleus.
+    Which way a row goes depends on its own scores only.
     """
     vocab = scores.shape[-1]
-    k = params.top_k if 0 < params.top_k < vocab else 0
-    p = params.top_p
+    k = top_k if 0 < top_k < vocab else 0
+    p = top_p
     tokens: list[int | None] = [None] * scores.shape[0]
     if k:
         scores = top_k_filter(scores, k)
     probs = scores.softmax(dim=-1)
-    # most likely candidates first: a trained model's nucleus is nearly always among them. Without top-k,
-    # rows whose CANDIDATES most likely tokens cannot hold p of the mass (flat distributions) skip this.
+    # a row whose CANDIDATES most likely tokens cannot hold p of the mass fails the exactness test
+    # below anyway; when every row is such (flat distributions), skip the top-k search altogether
     hopeless = not k and p < 1.0 and bool((probs.amax(-1) * min(vocab, CANDIDATES) < p).all())
     if (p < 1.0 or k) and not hopeless:
         values, index = probs.topk(min(vocab, k or CANDIDATES), dim=-1)
@@ -68,7 +100,7 @@ def draw(scores: torch.Tensor, params: SamplingParams, generators: list[torch.Ge
     while pending:  # the whole distribution; rows whose draw fell outside the nucleus draw again
         rows_probs = probs[pending] if len(pending) < probs.shape[0] else probs
         u = _uniforms([generators[i] for i in pending], probs.device)
-        fast = kernels.draw_rows(rows_probs, u, p)
+        fast = draw_rows(rows_probs, u, p)
         if fast is not None:  # the same draw and test in one pass per row
             picks, accept = fast
         else:
@@ -85,63 +117,53 @@ def draw(scores: torch.Tensor, params: SamplingParams, generators: list[torch.Ge
     return tokens  # type: ignore[return-value]
 
 
-@dataclass
-class RowChoice:
-    token: int
-    logprob: float | None = None
-    top: dict[int, float] | None = None
-
-
-def penalise_seen(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL's repetition penalty over a [rows, V] bitmap of the tokens each row has seen."""
-    if penalty == 1.0:
-        return scores
-    penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return torch.where(seen, penalised, scores)
-
-
 def choose(
     logits: torch.Tensor,
-    groups: list[tuple[list[int], SamplingParams, int | None]],
-    generators: list[torch.Generator | None],
+    params: Sequence[GenerationParams],
+    generators: Sequence[torch.Generator | None],
     seen: torch.Tensor,
-    banned: list[list[int]],
-    seen_rows: torch.Tensor | None = None,
+    seen_rows: Sequence[int],
+    banned: Sequence[Sequence[int]],
 ) -> list[RowChoice]:
     """The next token of each row of `logits` [rows, V].
 
-    groups: (row indices, their sampling settings, logprobs to report or None).
-    generators[r]: row r's generator (None: the global one). seen: bitmap of the tokens each row has
-    seen, for the repetition penalty: row r's is seen[seen_rows[r]] (seen[r] without seen_rows).
-    banned[r]: token ids row r may not pick now (eos before min_new_tokens).
+    params[r], generators[r]: row r's request settings and generator (None: the global one).
+    seen[seen_rows[r]]: bitmap of the tokens row r has seen (prompt and sample), for the repetition
+    penalty. banned[r]: token ids row r may not pick now (eos before min_new_tokens). Rows with the
+    same settings object are processed together.
     """
     out: list[RowChoice | None] = [None] * logits.shape[0]
-    for rows, params, n_logprobs in groups:
+    groups: dict[int, list[int]] = {}
+    for r, p in enumerate(params):
+        groups.setdefault(id(p), []).append(r)
+    everything = len(groups) == 1
+    for rows in groups.values():
+        settings = params[rows[0]]
         index = torch.tensor(rows, device=logits.device)
-        # (a copy only where needed: these are [rows, vocab] tensors, a few MB each)
-        everything = rows == list(range(logits.shape[0]))
-        raw = (logits if everything else logits.index_select(0, index)).float()
+        raw = (logits if everything else logits.index_select(0, index)).float()  # a copy only where needed
         scores = raw
-        if params.repetition_penalty != 1.0:
-            seen_index = index if seen_rows is None else seen_rows.index_select(0, index)
-            scores = penalise_seen(raw, seen.index_select(0, seen_index), params.repetition_penalty)
+        if settings.repetition_penalty != 1.0:
+            where = torch.tensor([seen_rows[r] for r in rows], device=logits.device)
+            scores = penalise_seen(raw, seen.index_select(0, where), settings.repetition_penalty)
         if any(banned[r] for r in rows):
             if scores is raw:  # raw (maybe the caller's logits) stays intact, for logprobs
                 scores = raw.clone()
             for i, r in enumerate(rows):
                 if banned[r]:
-                    scores[i, banned[r]] = float("-inf")
-        if params.greedy:
+                    scores[i, list(banned[r])] = float("-inf")
+        if settings.greedy:
             tokens = scores.argmax(dim=-1).tolist()
         else:
-            tokens = draw(scores / params.temperature, params, [generators[r] for r in rows])
+            tokens = draw(scores / settings.temperature, settings.top_k, settings.top_p, [generators[r] for r in rows])
+        n_logprobs = settings.logprobs
         if n_logprobs is not None:
             logp = raw.log_softmax(dim=-1)
+            chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
             top = logp.topk(n_logprobs, dim=-1) if n_logprobs else None
         for i, r in enumerate(rows):
             choice = RowChoice(tokens[i])
             if n_logprobs is not None:
-                choice.logprob = float(logp[i, tokens[i]])
+                choice.logprob = chosen[i]
                 if top is not None:
                     choice.top = dict(zip(top.indices[i].tolist(), top.values[i].tolist()))
             out[r] = choice

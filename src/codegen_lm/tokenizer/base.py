@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .backend import build_fast_tokenizer
 from .pretokenize import check_text
 from .truncate import truncate_before_pattern as cut_completion
 from .vocab import ASSETS, EOS_TOKEN, read_tokenizer_files
@@ -288,8 +289,6 @@ class TokenizerBase:
 
     def to_tokenizer_json(self) -> str:
         """The `tokenizers` serialisation of this tokenizer (fast loaders read it directly)."""
-        from .fast import build_fast_tokenizer
-
         return build_fast_tokenizer(self.vocab, self.merges, self.added_tokens, self.special_tokens).to_str()
 
     @classmethod

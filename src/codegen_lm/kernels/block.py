@@ -1,25 +1,26 @@
-"""Decoding one sequence (batch 1) with one compiled call per block, on the CPU in fp32.
+"""Decoding one sequence (batch 1) with one compiled call per transformer block, on the CPU in fp32.
 
 A batch-1 decode step of the 350M model reads 1.2 GB of weights; that takes ~17 ms at this
 machine's memory bandwidth, but the ~25 PyTorch calls per block around the four products
 (LayerNorm, rotary, cache writes, attention, residual adds, module calls) add another ~4 ms of
 dispatch. `block_step` runs a whole block as one numba function instead: the same maths as
-`model.CodeGenBlock` (rotary in the de-interleaved layout described in model.py) for one token,
-which writes its key and value into the cache and returns the block's output. Batched decoding does
-not come here: at 20 rows the products are compute-bound and oneDNN's GEMM wins.
+`model.CodeGenBlock` (LayerNorm, [q; k; v] and fc_in products, rotary in the de-interleaved layout
+described in model.py, attention, tanh-GELU, x + out_proj + fc_out) for one token, which writes its key
+and value into the cache and returns the block's output. Batched decoding does not come here: at 20
+rows the products are compute-bound and oneDNN's GEMM wins.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from . import kernels
+from . import _numba
+from ._numba import numba, set_threads
 
-if kernels.HAVE_NUMBA:
-    import numba
-    import numpy as np
+if _numba.HAVE_NUMBA:
 
     @numba.njit(fastmath=True, inline="always")
     def _gelu_tanh(u):
@@ -109,32 +110,22 @@ if kernels.HAVE_NUMBA:
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the activation the kernel computes
 
 
-def can_run(model: torch.nn.Module, cache_dtype: torch.dtype) -> bool:
-    """Whether `block_step` computes this model's blocks: numba, fp32 weights and cache on the CPU,
-    plain (not quantized) Linears, a tanh-GELU MLP with biases (as CodeGen's), inference (no autograd,
-    dropout off, not tracing)."""
-    from .model import Linear
-
-    if (not kernels.HAVE_NUMBA or torch.is_grad_enabled() or torch.compiler.is_compiling() or model.training
-            or cache_dtype != torch.float32 or model.config.activation_function not in GELU_TANH):
-        return False
-    block = model.transformer.h[0]
-    linears = (block.attn.qkv, block.attn.out_proj, block.mlp.fc_in, block.mlp.fc_out)
-    return (all(type(lin) is Linear and lin.weight.dtype == torch.float32 and lin.weight.device.type == "cpu"
-                for lin in linears) and block.mlp.fc_in.bias is not None and block.mlp.fc_out.bias is not None)
+def can_run(weights: list[torch.Tensor], activation: str, cache_dtype: torch.dtype) -> bool:
+    """Whether `block_step` computes a block with these weights (ln_1 weight and bias, qkv, fc_in and
+    its bias, out_proj, fc_out and its bias): numba, fp32 CPU tensors, a tanh GELU, inference."""
+    return (_numba.numba_ok() and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and cache_dtype == torch.float32 and activation in GELU_TANH and len(weights) == 8
+            and all(w is not None and w.dtype == torch.float32 and w.device.type == "cpu" for w in weights))
 
 
-def block_step(block: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, K: torch.Tensor,
-               V: torch.Tensor, pos: int) -> torch.Tensor:
+def block_step(weights: list[torch.Tensor], eps: float, n_head: int, x: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, K: torch.Tensor, V: torch.Tensor, pos: int) -> torch.Tensor:
     """The block's output for one token x [n_embd] at position `pos`, whose key and value go into
     K, V [heads, capacity, head_dim] (one slot of the cache; positions before `pos` already filled).
-    cos, sin: the rotary table rows for `pos`. Callers check `can_run` first."""
-    attn, mlp = block.attn, block.mlp
+    weights: as for can_run; cos, sin: the rotary table rows for `pos`. Callers check can_run first."""
     out = torch.empty_like(x)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    arrays = [t.detach().numpy() for t in (block.ln_1.weight, block.ln_1.bias, attn.qkv.weight, mlp.fc_in.weight,
-                                            mlp.fc_in.bias, attn.out_proj.weight, mlp.fc_out.weight, mlp.fc_out.bias)]
-    ln_w, ln_b, w_qkv, w_in, b_in, w_o, w_out, b_out = arrays
-    _block_numba(x.numpy(), ln_w, ln_b, block.ln_1.eps, w_qkv, w_in, b_in, w_o, w_out, b_out, cos.numpy(),
-                 sin.numpy(), K.numpy(), V.numpy(), pos, attn.n_head, out.numpy())
+    set_threads()
+    ln_w, ln_b, w_qkv, w_in, b_in, w_o, w_out, b_out = (w.detach().numpy() for w in weights)
+    _block_numba(x.numpy(), ln_w, ln_b, eps, w_qkv, w_in, b_in, w_o, w_out, b_out, cos.numpy(), sin.numpy(),
+                 K.numpy(), V.numpy(), pos, n_head, out.numpy())
     return out

@@ -1,4 +1,4 @@
-"""`model.generate`: a `transformers`-shaped entry point over prefill + a KV-cached decode loop."""
+"""`model.generate`: the `transformers`-shaped entry point, on the inference engine."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .sampling import SamplingParams
-from .stopping import Decoder
+from .engine import Engine, GenerationParams
+from .engine.text import Decoder
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -89,13 +89,6 @@ def generate(
 
     if do_sample is None:
         do_sample = temperature is not None or top_k is not None or top_p is not None
-    params = SamplingParams(
-        do_sample=do_sample,
-        temperature=1.0 if temperature is None else float(temperature),
-        top_k=top_k or 0,
-        top_p=1.0 if top_p is None else float(top_p),
-        repetition_penalty=float(repetition_penalty),
-    )
     if eos_token_id is None:
         eos_ids = config.eos_token_ids
     else:
@@ -107,20 +100,18 @@ def generate(
         tokenizer = _default_tokenizer(model)
 
     n = num_return_sequences
-    from ..engine import Engine, GenerationParams
-
-    engine = Engine(model, tokenizer, max_batch=B * n, initial_len=T + max_new_tokens)
-    greedy = params.greedy
+    settings = dict(n=n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                    temperature=(1.0 if temperature is None else float(temperature)) if do_sample else 0.0,
+                    top_k=top_k or 0, top_p=1.0 if top_p is None else float(top_p),
+                    repetition_penalty=float(repetition_penalty), stop=tuple(stops), eos_token_ids=tuple(eos_ids))
+    GenerationParams(**settings)  # bad settings fail here, before any work
+    # one engine per call: nothing is left to reuse afterwards, so no prefix cache
+    engine = Engine(model, tokenizer, max_batch=B * n, initial_len=T + max_new_tokens, prefix_cache_mb=0)
     handles = []
     for b in range(B):
         prompt = input_ids[b][attention_mask[b].bool()].tolist()
-        request = GenerationParams(
-            n=n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-            temperature=0.0 if greedy else params.temperature, top_k=params.top_k, top_p=params.top_p,
-            repetition_penalty=params.repetition_penalty, stop=tuple(stops), eos_token_ids=tuple(eos_ids),
-            seed=None if seed is None else (seed + 7919 * b) % 2**63,
-        )
-        handles.append(engine.submit(prompt, request))
+        params = GenerationParams(**settings, seed=None if seed is None else (seed + 7919 * b) % 2**63)
+        handles.append(engine.submit(prompt, params))
     samples = [s for h in handles for s in h._request.samples]  # row r = prompt r // n, sample r % n
     emitted = 0
     while True:

@@ -1,0 +1,68 @@
+"""A request and its samples, as the engine tracks them between submission and the last event."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .params import GenerationParams, RequestOutput, SequenceOutput, StreamEvent
+from .text import TextStream
+
+
+@dataclass
+class Sample:
+    request: Request
+    index: int  # which sample of its request
+    generator: torch.Generator | None
+    stream: TextStream | None
+    output: SequenceOutput
+    row: int = -1  # slot while running
+    length: int = 0  # tokens whose keys/values are in the slot
+    pending: int = -1  # sampled, not yet fed to the model
+    generated: int = 0
+    draft_cached: int = 0  # tokens the draft model has cached for this sample (speculative "draft")
+
+    @property
+    def finished(self) -> bool:
+        return self.output.finish_reason is not None
+
+    def context(self) -> list[int]:
+        """Prompt and generated tokens, the pending one last."""
+        return self.request.prompt_ids + self.output.token_ids
+
+
+@dataclass
+class Request:
+    id: int
+    prompt_ids: list[int]
+    params: GenerationParams
+    max_new_tokens: int  # params.max_new_tokens clamped to the context
+    eos: frozenset[int]
+    banned: list[int]  # eos ids, banned while fewer than min_new_tokens are generated
+    speculative: str  # "off", "prompt-lookup" or "draft"
+    speculative_tokens: int
+    submitted_at: float
+    samples: list[Sample] = field(default_factory=list)
+    to_admit: deque[Sample] = field(default_factory=deque)
+    prefilled: int = 0  # prompt tokens whose keys/values are in the staging slot
+    cached_tokens: int = 0  # of which came from the prefix cache
+    logits: torch.Tensor | None = None  # the last prompt token's, once the prompt is prefilled
+    cancelled: bool = False
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    # shared with consumers under the engine's condition:
+    events: deque[StreamEvent] = field(default_factory=deque)
+    done: bool = False
+    error: BaseException | None = None
+    waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.samples)
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(self.id, list(self.prompt_ids), [s.output for s in self.samples], self.cached_tokens,
+                             self.submitted_at, self.first_token_at, self.finished_at)

@@ -1,0 +1,17 @@
+"""CPU compute kernels that PyTorch does not provide fast enough, one module per family:
+
+- `int8`: int8 weight-only products (numba for a few rows, dequantize + BLAS for many);
+- `f32`: fp32 products of one row with a large weight (batch-1 decoding);
+- `onednn`: oneDNN-packed fp32 weights and products with fused activations and residual adds;
+- `attention`: decode-step rotary + cache writes and attention over cache slots;
+- `draw`: the sampler's one-pass inverse-CDF draw;
+- `block`: a whole transformer block for one token as one call (batch-1 decoding).
+
+Everything here works on tensors and arrays only: nothing imports the model or the engine. numba is
+optional; `numba_ok()` says whether its kernels may run (not installed, CODEGEN_LM_NO_NUMBA set, or a
+kernel failed once), and every caller has a PyTorch route for when they may not.
+"""
+
+from ._numba import numba_ok, set_threads
+
+__all__ = ["numba_ok", "set_threads"]

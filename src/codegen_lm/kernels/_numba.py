@@ -1,0 +1,27 @@
+"""Whether the numba kernels can run, and their thread count (one switch for every kernel module)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    if os.environ.get("CODEGEN_LM_NO_NUMBA"):
+        raise ImportError("disabled by CODEGEN_LM_NO_NUMBA")
+    import numba
+
+    HAVE_NUMBA = True
+except Exception:  # not installed, or disabled: every kernel has a PyTorch route
+    numba = None
+    HAVE_NUMBA = False
+
+
+def numba_ok() -> bool:
+    """Whether numba kernels may run (tests switch them off by setting HAVE_NUMBA = False)."""
+    return HAVE_NUMBA
+
+
+def set_threads() -> None:
+    """Run the next numba kernel on as many threads as PyTorch uses (--threads sets both)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
