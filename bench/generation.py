@@ -3,7 +3,7 @@
 A random-weight checkpoint of a released shape (default codegen-350M-mono) is saved by transformers in
 fp32; CTranslate2 converts that folder with its own `ct2-transformers-converter` (fp32 and int8).
 Every engine runs in its own process (so each gets a clean peak-RSS figure), with the same thread
-count, on three workloads:
+count, on three workloads (the prefix cache off: the timed prompts repeat, and no competitor has one):
 
 - prefill: a 512-token prompt, one new token (median seconds);
 - batch-1 greedy decode: a 128-token prompt, 128 new tokens (eos disabled);
@@ -13,7 +13,10 @@ Decode rates exclude the prefill: (tokens - 1) / (time for N tokens - time for 1
 times medians over --rounds rounds, each of which runs every engine in turn (so that drifts in the
 machine's speed hit all engines alike). The 20-sample wall time includes everything.
 
-    python bench/generation.py [--shape 350M] [--rounds 5] [--engines ...] [--out bench/results]
+    python bench/generation.py [--shape 350M] [--rounds 5] [--engines ...] [--baseline OLD/src] [--out bench/results]
+
+--baseline runs the codegen-lm fp32 and int8 engines a second time from another source tree (a git
+worktree of an earlier commit), in the same rounds, for a before/after comparison.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_LEN, NEW_TOKENS, PREFILL_LEN, SAMPLES = 128, 128, 512, 20
 ENGINES = ["codegen-lm fp32", "codegen-lm int8", "codegen-lm int8 speculative", "codegen-lm bf16",
-           "transformers fp32", "ctranslate2 fp32", "ctranslate2 int8"]
+           "codegen-lm bf16 matmul", "transformers fp32", "ctranslate2 fp32", "ctranslate2 int8"]
 BASELINE = " (baseline)"  # suffix of the engines run from --baseline's source tree
 
 
@@ -62,7 +65,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int, speculative: bool = False,
-                   dtype: str | None = None) -> dict:
+                   dtype: str | None = None, matmul: str = "float32") -> dict:
     import torch
 
     from codegen_lm import CodeGenForCausalLM
@@ -72,7 +75,7 @@ def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int
     model = CodeGenForCausalLM.from_pretrained(folder, quantize=quantize, dtype=dtype)
     try:  # the prefix cache off: repeated prompts would hit it, and the competitors have none
         engine = Engine(model, max_batch=SAMPLES, prefix_cache_mb=0,
-                        speculative="prompt-lookup" if speculative else None)
+                        speculative="prompt-lookup" if speculative else None, matmul_dtype=matmul)
     except TypeError:  # a --baseline checkout from before the prefix cache (and engine speculation)
         engine = Engine(model, max_batch=SAMPLES)
     prompt, long_prompt = prompts()
@@ -170,8 +173,10 @@ def worker(engine: str, hf_dir: str, ct2_dir: str, threads: int, repeats: int) -
         result = run_codegen_lm(hf_dir, "int8", threads, repeats)
     elif name == "codegen-lm int8 speculative":
         result = run_codegen_lm(hf_dir, "int8", threads, repeats, speculative=True)
-    elif name == "codegen-lm bf16":
+    elif name == "codegen-lm bf16":  # bf16 weights: the model's blocks in bf16
         result = run_codegen_lm(hf_dir, None, threads, repeats, dtype="bfloat16")
+    elif name == "codegen-lm bf16 matmul":  # fp32 weights, the products of prefill and batches in bf16
+        result = run_codegen_lm(hf_dir, None, threads, repeats, matmul="bfloat16")
     elif name == "transformers fp32":
         result = run_transformers(hf_dir, threads, repeats)
     else:
@@ -186,8 +191,8 @@ def worker(engine: str, hf_dir: str, ct2_dir: str, threads: int, repeats: int) -
 # ---- the orchestrating process ---------------------------------------------------------------------
 
 
-def build_checkpoint(shape: str, workdir: Path) -> tuple[Path, Path]:
-    """A random fp32 checkpoint saved by transformers, and CTranslate2's conversion of it."""
+def build_checkpoint(shape: str, workdir: Path, ct2: bool = True) -> tuple[Path, Path]:
+    """A random fp32 checkpoint saved by transformers, and (ct2) CTranslate2's conversion of it."""
     hf_dir, ct2_dir = workdir / f"{shape}-hf", workdir / f"{shape}-ct2"
     if not (hf_dir / "config.json").exists():
         import torch
@@ -204,7 +209,7 @@ def build_checkpoint(shape: str, workdir: Path) -> tuple[Path, Path]:
         model = randomize(model.to_empty(device="cpu"), seed=0, scale=0.02)
         model.save_pretrained(hf_dir)
         write_tokenizer_files(hf_dir)
-    if not (ct2_dir / "model.bin").exists():
+    if ct2 and not (ct2_dir / "model.bin").exists():
         converter = Path(sys.executable).with_name("ct2-transformers-converter")
         subprocess.run([str(converter), "--model", str(hf_dir), "--output_dir", str(ct2_dir), "--force"],
                        check=True, capture_output=True)

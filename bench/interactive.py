@@ -15,8 +15,8 @@ figures are medians across rounds.
    weights' output does not change when re-tokenised.
 3. Streams while a long prompt arrives. 8 greedy streams are decoding when an 1,800-token prompt is
    submitted; the largest gap between two tokens of a running stream until that prompt's first
-   token, against the median step time before it arrived: chunked prefill (the default) vs the prompt
-   in one piece.
+   token, against the median step time before it arrived: chunked prefill (the default, chunks sized
+   by measurement) vs the prompt in one piece.
 
     python bench/interactive.py [--rounds 3] [--shape 350M] [--out bench/results/interactive.json]
 """
@@ -92,7 +92,8 @@ def multi_turn(model, tok, cache_mb: float) -> list[float]:
     return times
 
 
-def streams_during_long_prompt(model, chunk: int, streams: int = 8, long_tokens: int = 1800) -> dict:
+def streams_during_long_prompt(model, chunk: int | None, streams: int = 8, long_tokens: int = 1800) -> dict:
+    """chunk: the engine's prefill_chunk (None: sized by measurement, the default)."""
     g = torch.Generator().manual_seed(0)
     engine = Engine(model, max_batch=streams + 1, prefix_cache_mb=0, prefill_chunk=chunk)
     running = [engine.submit(torch.randint(0, 50000, (128,), generator=g).tolist(),
@@ -119,6 +120,7 @@ def streams_during_long_prompt(model, chunk: int, streams: int = 8, long_tokens:
     while not long._request.samples[0].output.token_ids:
         step()
     first_token = time.perf_counter() - submitted
+    chunk_used = engine.scheduler.chunk_size(streams)
     for _ in range(3):
         step()
     during = [b - a for arr, m in zip(arrivals, mark) for a, b in zip(arr[m - 1 :], arr[m:])]
@@ -126,7 +128,7 @@ def streams_during_long_prompt(model, chunk: int, streams: int = 8, long_tokens:
         h.cancel()
     engine.run()
     median_step = statistics.median(before)
-    return {"prefill_chunk": chunk, "median_step_s": median_step, "largest_gap_s": max(during),
+    return {"prefill_chunk": chunk_used, "median_step_s": median_step, "largest_gap_s": max(during),
             "largest_gap_steps": max(during) / median_step, "long_prompt_ttft_s": first_token}
 
 
@@ -139,7 +141,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "interactive.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    hf_dir, _ = build_checkpoint(args.shape, args.workdir)
+    hf_dir, _ = build_checkpoint(args.shape, args.workdir, ct2=False)
     model = CodeGenForCausalLM.from_pretrained(hf_dir)
     tok = CodeGenTokenizerFast.from_pretrained(hf_dir)
     cpu = cpu_description()
@@ -152,9 +154,7 @@ def main() -> None:
             raw["editor"][name].append(editor_trace(model, tok, mb))
             raw["turns"][name].append(multi_turn(model, tok, mb))
         for name, chunk in (("chunked", None), ("one piece", 100_000)):
-            from codegen_lm.engine.scheduler import PREFILL_CHUNK
-
-            raw["streams"][name].append(streams_during_long_prompt(model, chunk or PREFILL_CHUNK))
+            raw["streams"][name].append(streams_during_long_prompt(model, chunk))
         editor_ms = [statistics.median(raw["editor"][k][-1]) * 1e3 for k in ("cache", "no cache")]
         turns_s = [sum(raw["turns"][k][-1]) for k in ("cache", "no cache")]
         print(f"round {r + 1}: editor p50 {editor_ms[0]:.0f} vs {editor_ms[1]:.0f} ms; turns {turns_s[0]:.2f}"

@@ -274,6 +274,29 @@ def test_running_streams_keep_producing_tokens_while_a_long_prompt_is_prefilled(
     engine.run()
 
 
+def test_chunks_are_sized_by_measured_step_times():
+    from types import SimpleNamespace
+
+    from codegen_lm.engine.scheduler import CHUNK_BUDGET, FIRST_CHUNK, MIN_CHUNK, RESAMPLE_EVERY, SOLO_CHUNK, Scheduler
+
+    s = Scheduler(4)
+    s.staged = SimpleNamespace(logits=None, prefilled=0, prompt_ids=[1] * 10_000)
+    assert s.chunk(0) == (0, SOLO_CHUNK)  # nothing else running
+    assert s.chunk(3) is None  # no plain decode step timed yet: take one first
+    s.observe(3, 0, 0.100)  # a plain decode step: 100 ms
+    assert s.chunk(3) == (0, FIRST_CHUNK)  # the prompt token's cost is not known yet
+    s.observe(3, 20, 0.300)  # with 20 prompt tokens: 200 ms more, 10 ms a token
+    assert s.chunk_size(3) == int(CHUNK_BUDGET * 0.100 / 0.010)
+    s.observe(3, 10, 5.0)  # a slow stretch: chunks shrink, never below MIN_CHUNK
+    assert s.chunk_size(3) == MIN_CHUNK
+    for _ in range(RESAMPLE_EVERY):
+        s.observe(3, 10, 0.2)
+    assert s.chunk(3) is None and s.chunk(3) is not None  # one plain step in RESAMPLE_EVERY
+    fixed = Scheduler(4, prefill_chunk=7)
+    fixed.staged = s.staged
+    assert fixed.chunk(2) == (0, 7)
+
+
 def test_asyncio_streams_without_polling(model, tok):
     """astream() serves several requests concurrently from one event loop; their events and results are
     what the same requests give synchronously."""
@@ -402,7 +425,7 @@ def test_samples_sharing_a_prompt_match_unshared_decoding(model, monkeypatch):
     params = GenerationParams(n=6, max_new_tokens=12, temperature=0.9, seed=5)
     shared = [o.token_ids for o in Engine(model, max_batch=4).submit(p, params).result().outputs]
     real = engine_module.run
-    monkeypatch.setattr(engine_module, "run", lambda model, cache, rows, shared, blocks: real(model, cache, rows))
+    monkeypatch.setattr(engine_module, "run", lambda model, cache, rows, shared, *rest: real(model, cache, rows, (), *rest))
     plain = [o.token_ids for o in Engine(model, max_batch=4).submit(p, params).result().outputs]
     assert shared == plain
 
@@ -515,3 +538,40 @@ def test_every_decode_path_gives_the_same_samples(tiny_checkpoint, monkeypatch):
     monkeypatch.setattr(_numba, "HAVE_NUMBA", False)
     blocks = sample(pack_weights=False)
     assert packed == unpacked == compiled == blocks
+
+
+# ---- bf16 -------------------------------------------------------------------------------------------------
+
+
+def test_bf16_products_and_bf16_weights_stay_close_to_fp32(tiny_checkpoint):
+    """matmul_dtype="bfloat16" (fp32 weights, bf16 products) and a model loaded in bf16 (its own blocks
+    in bf16) give log-probabilities within bf16 rounding of fp32, for a prompt chunk and for decode
+    steps through the engine; "auto" picks bf16 only where the CPU multiplies it in hardware."""
+    from codegen_lm.kernels import onednn
+
+    fp32 = CodeGenForCausalLM.from_pretrained(tiny_checkpoint)
+    bf16 = CodeGenForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
+    ids = prompts(1, seed=40)[0] * 4
+
+    def logp(model, matmul_dtype=torch.float32):
+        cfg = model.config
+        cache = SlotCache(cfg.n_layer, 1, cfg.n_head, cfg.head_dim, 256, model.transformer.wte.weight.dtype)
+        with torch.inference_mode():
+            return runner.run(model, cache, [Row(0, 0, ids, "all")], matmul_dtype=matmul_dtype).float().log_softmax(-1)
+
+    exact = logp(fp32)
+    for approx in (logp(fp32, torch.bfloat16), logp(bf16)):
+        assert not torch.equal(approx, exact)  # really computed otherwise
+        assert (approx - exact).abs().max() < 0.05
+    # through the engine: each variant's reported logprobs of its own tokens, against fp32 scoring them
+    params = GenerationParams(n=3, max_new_tokens=6, temperature=1.0, seed=2, logprobs=0)
+    for model, kwargs in ((fp32, dict(matmul_dtype="bfloat16")), (bf16, {})):
+        out = Engine(model, max_batch=3, **kwargs).submit(ids, params).result()
+        for o in out.outputs:
+            with torch.inference_mode():
+                ref = fp32(torch.tensor([ids + o.token_ids])).logits[0, len(ids) - 1 : -1].log_softmax(-1)
+            expected = ref.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0]
+            assert (torch.tensor(o.logprobs) - expected).abs().max() < 0.05
+    assert Engine(fp32, matmul_dtype="auto").matmul_dtype == (torch.bfloat16 if onednn.bf16_native() else torch.float32)
+    with pytest.raises(ValueError, match="matmul_dtype must be"):
+        Engine(fp32, matmul_dtype="float16")

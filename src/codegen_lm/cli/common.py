@@ -70,6 +70,26 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "(for trying things out; the output is gibberish)")
 
 
+def add_engine_options(parser: argparse.ArgumentParser, prefix_cache: bool = True) -> None:
+    """Options of the inference engine that a command creates."""
+    from ..engine.prefix_cache import DEFAULT_MB
+
+    parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16", "auto"], default="float32",
+                        help="products of prefill and batched decoding in bf16 on the CPU (auto: where the CPU "
+                             "multiplies bf16 in hardware, AVX512-BF16 or AMX); default float32, exact")
+    if prefix_cache:
+        parser.add_argument("--prefix-cache-mb", type=number(float, 0, what="must be >= 0"), default=DEFAULT_MB,
+                            help=f"memory for prompts' keys and values kept for reuse (default {DEFAULT_MB}; 0: off)")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The Engine keyword arguments that add_engine_options' options set."""
+    options = {"matmul_dtype": args.matmul_dtype}
+    if hasattr(args, "prefix_cache_mb"):
+        options["prefix_cache_mb"] = args.prefix_cache_mb
+    return options
+
+
 def load_model(args: argparse.Namespace):
     """Model and tokenizer for --model, or a CliError that says what is wrong."""
     from ..checkpoint import CheckpointError

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .common import CliError, add_model_options, load_model, number
+from .common import CliError, add_engine_options, add_model_options, engine_options, load_model, number
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,6 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     he = ev.add_parser("humaneval", help="sample, execute and score HumanEval (pass@k)")
     add_model_options(he)
+    add_engine_options(he)
     he.add_argument("--n", type=number(int, 1, what="must be >= 1"), default=200, help="samples per problem")
     he.add_argument("--temperature", type=number(float, 0, what="must be >= 0"), default=0.2)
     he.add_argument("--top-p", type=number(float, 0, 1, low_open=True, what="must be in (0, 1]"), default=0.95)
@@ -40,6 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     mt = ev.add_parser("mtpb", help="Multi-Turn Programming Benchmark (pass rate)")
     add_model_options(mt)
+    add_engine_options(mt)
     mt.add_argument("--data", required=True, help="the MTPB JSON Lines file (not shipped; pass its path)")
     mt.add_argument("--samples", type=number(int, 1, what="must be >= 1"), default=40, help="samples per test case")
     mt.add_argument("--temperature", type=number(float, 0, what="must be >= 0"), default=0.2)
@@ -102,7 +104,7 @@ def run_humaneval(args: argparse.Namespace) -> int:
     if args.n > 1 and args.temperature == 0:
         raise CliError("--n > 1 needs --temperature > 0 (greedy decoding gives one answer)")
     model, tokenizer = load_model(args)
-    engine = Engine(model, tokenizer, max_batch=args.batch or min(args.n, 64))
+    engine = Engine(model, tokenizer, max_batch=args.batch or min(args.n, 64), **engine_options(args))
     completer = humaneval.EngineCompleter(engine, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                           top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     settings = {"model": args.model, "quantize": args.quantize, "temperature": args.temperature,
@@ -162,7 +164,7 @@ def run_mtpb(args: argparse.Namespace) -> int:
     if not data.problems:
         raise CliError(f"{args.data} has no usable problems")
     model, tokenizer = load_model(args)
-    engine = Engine(model, tokenizer, max_batch=min(args.samples, 64))
+    engine = Engine(model, tokenizer, max_batch=min(args.samples, 64), **engine_options(args))
     turns = mtpb.EngineTurns(engine, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     settings = {"model": args.model, "quantize": args.quantize, "temperature": args.temperature, "top_p": args.top_p,
                 "seed": args.seed, "data": str(args.data)}

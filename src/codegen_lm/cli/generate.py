@@ -7,13 +7,14 @@ import sys
 
 from ..generation import DEFAULT_MAX_NEW_TOKENS
 from ..tokenizer import DEFAULT_TRUNCATE_PATTERNS, truncate_before_pattern
-from .common import CliError, add_model_options, load_model, number, unescape
+from .common import CliError, add_engine_options, add_model_options, engine_options, load_model, number, unescape
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="complete a prompt", description="Complete a prompt with a CodeGen model.")
     p.add_argument("prompt", nargs="?", default="-", help="the prompt, or - (default) to read it from stdin")
     add_model_options(p)
+    add_engine_options(p, prefix_cache=False)  # one request: nothing to reuse
     p.add_argument("--max-new-tokens", type=number(int, 1, what="must be >= 1"), default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--temperature", type=number(float, 0, what="must be >= 0"), default=0.0,
                    help="0 (default) is greedy; > 0 samples")
@@ -67,9 +68,10 @@ def run(args: argparse.Namespace) -> int:
     speculative = _draft(args, model) if args.speculative else None
     try:
         engine = Engine(model, tokenizer, max_batch=min(args.num_samples, 64), compile=args.compile,
-                        prefix_cache_mb=0, speculative=speculative, speculative_tokens=args.draft_tokens)
+                        prefix_cache_mb=0, speculative=speculative, speculative_tokens=args.draft_tokens,
+                        **engine_options(args))
     except ValueError as exc:
-        raise CliError(f"--speculative {args.speculative}: {exc}") from None
+        raise CliError(f"--speculative {args.speculative}: {exc}" if args.speculative else str(exc)) from None
     handle = engine.submit(ids, params)
     if args.stream:
         sys.stdout.write(head)

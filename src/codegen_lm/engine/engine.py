@@ -30,12 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..kernels import onednn
 from .params import GenerationParams, RequestOutput, SequenceOutput, StreamEvent
 from .prefix_cache import DEFAULT_MB, PrefixCache, PrefixCacheStats
 from .requests import Request, Sample
 from .runner import CompiledBlocks, Row, run
 from .sampler import choose
-from .scheduler import PREFILL_CHUNK, SOLO_CHUNK, Scheduler
+from .scheduler import SOLO_CHUNK, Scheduler
 from .slot_cache import SlotCache
 from .speculative import DraftModel, SpeculativeStats, prompt_lookup
 from .text import Decoder, TextStream
@@ -122,10 +123,11 @@ class Engine:
         pack_weights: bool | None = None,
         compile: bool = False,
         prefix_cache_mb: float = DEFAULT_MB,
-        prefill_chunk: int = PREFILL_CHUNK,
+        prefill_chunk: int | None = None,
         solo_chunk: int = SOLO_CHUNK,
         speculative: str | nn.Module | None = None,
         speculative_tokens: int = SPECULATIVE_TOKENS,
+        matmul_dtype: str = "float32",
     ) -> None:
         """max_batch: KV slots (samples decoded together). max_seq_len: longest prompt + completion
         (default: the model's context). pack_weights: keep a oneDNN copy of every fp32 weight on the
@@ -133,10 +135,16 @@ class Engine:
         packs when the weights take at most 2 GiB. compile: run the model's blocks through
         torch.compile instead of the CPU kernels (falls back to eager if compiling fails).
         prefix_cache_mb: memory for keys and values kept for reuse (0: no prefix cache).
-        prefill_chunk / solo_chunk: prompt tokens prefilled per step while other samples are running /
-        when none is. speculative: "prompt-lookup", or a draft model sharing the vocabulary, used for
-        requests that do not choose (GenerationParams.speculative), with speculative_tokens guesses per
-        step; None: no speculation unless a request asks for prompt lookup."""
+        prefill_chunk: prompt tokens prefilled per step while other samples decode (None: sized by
+        measurement, see scheduler.py); solo_chunk: when none does. speculative: "prompt-lookup", or a
+        draft model sharing the vocabulary, for requests that do not choose (GenerationParams.speculative),
+        with speculative_tokens guesses per step; None: no speculation unless a request asks for it.
+        matmul_dtype: "bfloat16" runs the products of prefill and batched decoding in bf16 on the CPU
+        (everything else stays fp32; see runner.run), "auto" where the CPU multiplies bf16 in hardware
+        (AVX512-BF16, AMX), "float32" (the default) keeps every product fp32, token-identical to
+        transformers."""
+        if matmul_dtype not in ("float32", "bfloat16", "auto"):
+            raise ValueError(f"matmul_dtype must be float32, bfloat16 or auto, got {matmul_dtype!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not prefix_cache_mb >= 0:
@@ -145,6 +153,9 @@ class Engine:
             raise ValueError(f"speculative_tokens must be in [1, 16], got {speculative_tokens!r}")
         self.model = model.eval()
         prepare(model, pack_weights)
+        if matmul_dtype == "auto":
+            matmul_dtype = "bfloat16" if onednn.bf16_native() else "float32"
+        self.matmul_dtype = getattr(torch, matmul_dtype)
         self.tokenizer = tokenizer
         config = model.config
         self.max_seq_len = min(max_seq_len or config.n_positions, config.n_positions)
@@ -382,11 +393,15 @@ class Engine:
             start, end = chunk
             last = end == len(request.prompt_ids)
             rows.append(Row(self.staging, start, request.prompt_ids[start:end], "last" if last else "none"))
+            if len(self.rows) < self.max_batch:  # the slot its first sample will likely take
+                self.cache.touch(len(self.rows), start, end)
         if not rows:
             return
         self._steps += 1
-        logits = run(self.model, self.cache, rows, shared, self._blocks)
         decoded = len(self.rows)
+        started = time.perf_counter()
+        logits = run(self.model, self.cache, rows, shared, self._blocks, self.matmul_dtype)
+        self.scheduler.observe(decoded, end - start if chunk is not None else 0, time.perf_counter() - started)
         if decoded:
             self._verify(rows[:decoded], logits, guesses)
         if chunk is not None:

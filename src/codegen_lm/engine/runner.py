@@ -29,7 +29,7 @@ from ..kernels import attention as attn_kernels
 from ..kernels import block as block_kernel
 from ..kernels import numba_ok, onednn
 from .slot_cache import SlotCache
-from .weights import packed_weight
+from .weights import PackedLinear, packed_weight
 
 
 @dataclass
@@ -52,14 +52,17 @@ Groups = Sequence[tuple[list[int], int]]  # (indices of single-token rows, lengt
 
 
 def run(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared: Groups = (),
-        blocks: Callable | None = None) -> torch.Tensor:
+        blocks: Callable | None = None, matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Write the rows' keys and values into the cache and return the logits the rows asked for, in row
     order, as one tensor [wanted, V] (see `logits_count`). shared: groups of single-token rows whose
     slots hold the same keys and values for their first `length` positions. blocks: what runs the
-    model's own blocks (default `forward_slots`; the engine passes a compiled one with compile=True)."""
+    model's own blocks (default `forward_slots`; the engine passes a compiled one with compile=True).
+    matmul_dtype bfloat16: the CPU pass runs the products of the blocks in bf16 (activations rounded to
+    bf16 at each product's input, fp32 accumulation and everything else in fp32: LayerNorms, residual
+    stream, attention, keys and values, and the lm_head, so that logits stay fp32 products)."""
     cache.ensure(max(r.start + len(r.tokens) for r in rows))
     if blocks is None and _kernels_apply(model, cache):
-        return _run_kernels(model, cache, rows, shared)
+        return _run_kernels(model, cache, rows, shared, matmul_dtype == torch.bfloat16)
     return _run_blocks(model, cache, rows, blocks or forward_slots)
 
 
@@ -95,9 +98,26 @@ def _one_token(model: nn.Module, cache: SlotCache, row: Row) -> torch.Tensor | N
     return model.lm_head(tf.ln_f(x[None]))
 
 
+def _bf16_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """linear(x) as a bf16 product with an fp32 result (the engine's PackedLinears keep bf16 copies of
+    their weights; a plain nn.Linear is converted on the fly), or None for int8 modules."""
+    if isinstance(linear, PackedLinear):
+        w, b = linear.bf16_weights()
+    elif isinstance(linear, nn.Linear):
+        w = linear.weight.to(torch.bfloat16)
+        b = None if linear.bias is None else linear.bias.to(torch.bfloat16)
+    else:
+        return None
+    return F.linear(x.to(torch.bfloat16), w, b).float()
+
+
 def _product(linear: nn.Module, x: torch.Tensor, act: Callable | None = None,
-             fused: tuple[str, str] | None = None) -> torch.Tensor:
-    """act(linear(x)), through the packed weight (with the activation fused) where there is one."""
+             fused: tuple[str, str] | None = None, bf16: bool = False) -> torch.Tensor:
+    """act(linear(x)), through the packed weight (with the activation fused) where there is one; with
+    bf16, as a bf16 product."""
+    out = _bf16_linear(linear, x) if bf16 else None
+    if out is not None:
+        return act(out) if act is not None else out
     w = packed_weight(linear)
     if w is not None and (act is None or fused is not None):
         return onednn.packed_linear(x, w, linear.bias, fused or ("none", ""))
@@ -105,15 +125,19 @@ def _product(linear: nn.Module, x: torch.Tensor, act: Callable | None = None,
     return act(out) if act is not None else out
 
 
-def _product_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+def _product_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor, bf16: bool = False) -> torch.Tensor:
     """residual + linear(x), the add fused into the packed product where there is one."""
+    out = _bf16_linear(linear, x) if bf16 else None
+    if out is not None:
+        return residual + out
     w = packed_weight(linear)
     if w is not None:
         return onednn.packed_linear_add(x, residual, w, linear.bias)
     return residual + linear(x)
 
 
-def _run_kernels(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared: Groups) -> torch.Tensor:
+def _run_kernels(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared: Groups,
+                 bf16: bool = False) -> torch.Tensor:
     if len(rows) == 1 and len(rows[0].tokens) == 1:
         logits = _one_token(model, cache, rows[0])
         if logits is not None:
@@ -152,8 +176,8 @@ def _run_kernels(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared
         attn, mlp, ln = block.attn, block.mlp, block.ln_1
         K, V = cache.keys[layer], cache.values[layer]
         h = F.layer_norm(x, width, ln.weight, ln.bias, ln.eps)
-        qkv = _product(attn.qkv, h)
-        m = _product(mlp.fc_in, h, mlp.act, fused)
+        qkv = _product(attn.qkv, h, bf16=bf16)
+        m = _product(mlp.fc_in, h, mlp.act, fused, bf16)
         a = torch.empty_like(x)
         if S:
             q = attn_kernels.rotary_store(qkv[:S], cos[:S], sin[:S], K, V, slots_np[:S], pos_np[:S])
@@ -164,8 +188,8 @@ def _run_kernels(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared
             q = attn_kernels.rotary_store(qkv[o : o + T], cos[o : o + T], sin[o : o + T], K, V, slots_np[o : o + T],
                                           pos_np[o : o + T])
             a[o : o + T] = _chunk_attention(q, K[r.slot], V[r.slot], r.start)
-        x = _product_add(mlp.fc_out, m, x)  # x + fc_out(m)
-        x = _product_add(attn.out_proj, a, x)  # ... + out_proj(attention)
+        x = _product_add(mlp.fc_out, m, x, bf16)  # x + fc_out(m)
+        x = _product_add(attn.out_proj, a, x, bf16)  # ... + out_proj(attention)
     wanted = []
     for i, r in enumerate(rows):
         if r.logits == "all":

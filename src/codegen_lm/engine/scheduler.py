@@ -2,11 +2,17 @@
 many of its samples get slots. Policy only: the engine carries it out.
 
 First come, first served. One prompt at a time owns the staging slot, where it is prefilled in chunks
-that ride along with the decode steps of the running samples: `prefill_chunk` tokens per step while
-samples are decoding (so they keep producing tokens while a long prompt is admitted), `solo_chunk`
-when nothing else runs. Once prefilled, its samples take free slots (a copy of the prompt's keys and
-values each); samples that find no free slot wait, with the prompt kept in the staging slot, and the
-next prompt is staged when the last of them is admitted.
+that ride along with the decode steps of the running samples, so they keep producing tokens while a
+long prompt is admitted. When nothing else runs, chunks are `solo_chunk` tokens. While samples are
+decoding, a chunk is sized by measurement: the engine reports how long each step took, and the chunk
+is as many tokens as cost CHUNK_BUDGET times a plain decode step, so that no running stream waits more
+than ~2.2 steps' time for its next token (a fixed `prefill_chunk` overrides this; until both costs
+are measured, chunks are FIRST_CHUNK tokens). What a prompt
+token costs against a decode step differs by an order of magnitude between CPUs (compute against
+memory bandwidth: AVX2, AVX-512, AMX) and little between model sizes, so it is measured where it runs.
+Once prefilled, the prompt's samples take free slots (a copy of its keys and values each); samples
+that find no free slot wait, with the prompt kept in the staging slot, and the next prompt is staged
+when the last of them is admitted.
 """
 
 from __future__ import annotations
@@ -15,21 +21,24 @@ from collections import deque
 
 from .requests import Request
 
-# Tokens of a prompt prefilled per step while other samples decode. At 64 a step costs about twice a
-# plain decode step of 8 samples on this project's 2-core machine (codegen-350M shape), so running
-# streams never pause for more than ~3 steps' time while a 1,800-token prompt is admitted (README,
-# "Interactive use"); smaller chunks make the prompt wait longer for little gain.
-PREFILL_CHUNK = 64
+CHUNK_BUDGET = 1.2  # a chunk costs this many plain decode steps
+FIRST_CHUNK = 16  # tokens per chunk before any step has been timed
+MIN_CHUNK = 8
 SOLO_CHUNK = 512  # tokens per step when nothing else is running (bounds the attention scores' memory)
+RESAMPLE_EVERY = 32  # while prefilling next to decoding samples, one step in this many has no chunk
+_SMOOTHING = 0.3  # weight of the newest timing in the running estimates
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, prefill_chunk: int = PREFILL_CHUNK, solo_chunk: int = SOLO_CHUNK) -> None:
-        if prefill_chunk < 1 or solo_chunk < 1:
+    def __init__(self, max_batch: int, prefill_chunk: int | None = None, solo_chunk: int = SOLO_CHUNK) -> None:
+        if (prefill_chunk is not None and prefill_chunk < 1) or solo_chunk < 1:
             raise ValueError(f"prefill chunks must be >= 1 token, got {prefill_chunk} and {solo_chunk}")
         self.max_batch, self.prefill_chunk, self.solo_chunk = max_batch, prefill_chunk, solo_chunk
         self.waiting: deque[Request] = deque()
         self.staged: Request | None = None
+        self.decode_step_s: float | None = None  # running estimate of a plain decode step
+        self.token_s: float | None = None  # running estimate of one prompt token in a chunk
+        self._since_plain = 0  # mixed steps since the last plain decode step
 
     def __len__(self) -> int:
         """Requests not yet fully admitted."""
@@ -51,13 +60,43 @@ class Scheduler:
             return self.staged
         return None
 
+    def observe(self, running: int, chunk_tokens: int, seconds: float) -> None:
+        """How long a step took that decoded `running` samples and prefilled `chunk_tokens` tokens.
+
+        A mixed step costs about (plain decode step) + chunk_tokens x (prompt token). Plain decode
+        steps measure the first (while a prompt is being prefilled, `chunk` leaves one step in
+        RESAMPLE_EVERY without a chunk to keep that figure current); mixed steps then give the second."""
+        if not running:
+            return
+        if not chunk_tokens:
+            self.decode_step_s = _blend(self.decode_step_s, seconds)
+            self._since_plain = 0
+            return
+        self._since_plain += 1
+        if self.decode_step_s is not None:
+            self.token_s = _blend(self.token_s, max(seconds - self.decode_step_s, 0.0) / chunk_tokens)
+
+    def chunk_size(self, running: int) -> int:
+        """Prompt tokens to prefill in a step alongside `running` decoding samples."""
+        if not running:
+            return self.solo_chunk
+        if self.prefill_chunk is not None:
+            return self.prefill_chunk
+        if not self.decode_step_s or not self.token_s:
+            return FIRST_CHUNK
+        return max(MIN_CHUNK, min(self.solo_chunk, int(CHUNK_BUDGET * self.decode_step_s / self.token_s)))
+
     def chunk(self, running: int) -> tuple[int, int] | None:
-        """Positions (start, end) of the staged prompt to prefill in this step, if it needs any."""
+        """Positions (start, end) of the staged prompt to prefill in this step, if it needs any (None
+        also for the occasional plain decode step that keeps the step-time estimate current)."""
         request = self.staged
         if request is None or request.logits is not None:
             return None
-        size = self.prefill_chunk if running else self.solo_chunk
-        return request.prefilled, min(len(request.prompt_ids), request.prefilled + size)
+        if running and self.prefill_chunk is None and (
+                self.decode_step_s is None or self._since_plain >= RESAMPLE_EVERY):
+            self._since_plain = 0
+            return None
+        return request.prefilled, min(len(request.prompt_ids), request.prefilled + self.chunk_size(running))
 
     def admissions(self, running: int) -> int:
         """How many samples of the staged request take slots now (its prompt is prefilled)."""
@@ -71,3 +110,7 @@ class Scheduler:
         none is left."""
         if self.staged is not None and not self.staged.to_admit:
             self.staged = None
+
+
+def _blend(estimate: float | None, value: float) -> float:
+    return value if estimate is None else (1 - _SMOOTHING) * estimate + _SMOOTHING * value

@@ -4,14 +4,24 @@ prompts are prefilled).
 Keys and values are each one tensor `[layers, slots, heads, capacity, head_dim]`; `keys[layer]` is the
 `[slots, heads, capacity, head_dim]` view the attention kernels read. Running sequences occupy the
 lowest slots (the engine moves the last one into a slot that frees up). Each slot has its own length;
-positions a slot has not written are masked out by the caller. The time dimension grows by doubling,
-so memory follows the longest sequence rather than the context size.
+positions a slot has not written are masked out by the caller.
+
+Memory follows what each slot has actually written. On the CPU the tensors span the whole context
+from the start, in zero-filled memory that the operating system commits page by page on first write
+(an anonymous mapping with 4 KB pages): nothing is ever reallocated or copied to grow, so a long
+prompt arriving never stalls the running streams (allocating and zeroing gigabytes at once takes
+seconds), and a slot only costs memory for the positions it has used. On a GPU the time dimension
+grows by doubling instead.
 
 Copies between slots (a prompt's keys and values to each of its samples) and in and out of the prefix
 cache's blocks are one copy per tensor, all layers at once.
 """
 
 from __future__ import annotations
+
+import math
+import mmap
+import sys
 
 import torch
 
@@ -31,10 +41,14 @@ class SlotCache:
         self.slots, self.max_len = slots, max_len
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
         self.dtype, self.device = dtype, torch.device(device)
-        capacity = min(initial_len, max_len)
         # zeros, not empty: masked positions still enter attention products (as 0 x value)
-        self.k = torch.zeros(n_layer, slots, n_head, capacity, head_dim, dtype=dtype, device=self.device)
-        self.v = torch.zeros_like(self.k)
+        if self.device.type == "cpu":
+            shape = (n_layer, slots, n_head, max_len, head_dim)
+            self.k, self.v = lazy_zeros(shape, dtype), lazy_zeros(shape, dtype)
+        else:
+            capacity = min(initial_len, max_len)
+            self.k = torch.zeros(n_layer, slots, n_head, capacity, head_dim, dtype=dtype, device=self.device)
+            self.v = torch.zeros_like(self.k)
         self._views()
         self._begun: tuple[int, int, list[int], int, int] | None = None
 
@@ -66,6 +80,13 @@ class SlotCache:
             new[:, :, :, : old.shape[3]] = old
             setattr(self, name, new)
         self._views()
+
+    def touch(self, slot: int, start: int, end: int) -> None:
+        """Zero positions start..end-1 of a free slot, so that its memory is committed before a sequence
+        is copied there (the engine does it a prompt chunk at a time, while the prompt is prefilled)."""
+        self.ensure(end)
+        self.k[:, slot, :, start:end] = 0
+        self.v[:, slot, :, start:end] = 0
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Give slot `dst` the first `length` positions of slot `src` (a prompt to each of its samples;
@@ -109,3 +130,16 @@ class SlotCache:
                 K[r, :, start : start + new] = key[r]
                 V[r, :, start : start + new] = value[r]
         return K[:, :, :length], V[:, :, :length]
+
+
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000) if sys.platform == "linux" else 0
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero CPU tensor whose memory is committed page by page as it is written: an anonymous mapping
+    (zero-filled by the kernel, not reserved up front, small pages so that commits stay fine-grained)."""
+    size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    memory = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        memory.madvise(mmap.MADV_NOHUGEPAGE)
+    return torch.frombuffer(memory, dtype=dtype, count=math.prod(shape)).view(shape)  # keeps `memory` alive

@@ -26,6 +26,7 @@ class PackedLinear(nn.Linear):
 
     packed: torch.Tensor | None = None
     _packed_version = -1
+    _bf16: tuple[int, torch.Tensor, torch.Tensor | None] | None = None  # (weight version, weight, bias)
 
     def pack(self) -> bool:
         """Keep a packed copy of the (fp32, CPU) weight; False where oneDNN cannot make one."""
@@ -43,6 +44,15 @@ class PackedLinear(nn.Linear):
             return self.packed
         return None
 
+    def bf16_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """bf16 copies of the weight and bias, made on first use and kept while the weight is unchanged
+        (for the engine's bf16 products; see Engine(matmul_dtype=...))."""
+        version = self._weight_version()
+        if self._bf16 is None or self._bf16[0] != version:
+            bias = None if self.bias is None else self.bias.detach().to(torch.bfloat16)
+            self._bf16 = (version, self.weight.detach().to(torch.bfloat16), bias)
+        return self._bf16[1], self._bf16[2]
+
     def _weight_version(self) -> int:
         """Bumped by every in-place change of the weight, so a stale packed copy is never used
         (inference-mode tensors keep no counter: they are taken as unchanging)."""
@@ -50,7 +60,7 @@ class PackedLinear(nn.Linear):
 
     def train(self, mode: bool = True) -> PackedLinear:
         if mode:
-            self.packed = None  # weights are about to change
+            self.packed = self._bf16 = None  # weights are about to change
         return super().train(mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
