@@ -86,7 +86,7 @@ def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int
         engine.submit(ids, params).result()
 
     gen(prompt, 1, 4, False)  # warm-up (numba compilation, kernel selection, cache sizes): steady state is timed
-    gen(prompt, 2, 2, True)
+    gen(prompt, SAMPLES, 2, True)
     gen(long_prompt, 1, 1, False)
     if speculative:  # prompt lookup, batch-1 greedy
         before = engine.stats().speculative
@@ -123,7 +123,7 @@ def run_transformers(folder: str, threads: int, repeats: int) -> dict:
                            pad_token_id=50256, **kwargs)
 
     gen(prompt, 1, 4, False)  # warm-up, as for every engine
-    gen(prompt, 2, 2, True)
+    gen(prompt, SAMPLES, 2, True)
     gen(long_prompt, 1, 1, False)
     return {
         "prefill_s": timed(lambda: gen(long_prompt, 1, 1, False), repeats),
@@ -152,7 +152,7 @@ def run_ctranslate2(folder: str, compute_type: str, threads: int, repeats: int) 
                                  **kwargs)
 
     gen(prompt, 1, 4, False)  # warm-up, as for every engine
-    gen(prompt, 2, 2, True)
+    gen(prompt, SAMPLES, 2, True)
     gen(long_prompt, 1, 1, False)
     return {
         "prefill_s": timed(lambda: gen(long_prompt, 1, 1, False), repeats),

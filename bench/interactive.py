@@ -138,6 +138,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/codegen-bench"))
+    parser.add_argument("--traces", default="editor,turns,streams", help="which of the three to run (comma-separated)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "interactive.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -149,46 +150,70 @@ def main() -> None:
     Engine(model, tok, max_batch=2).submit("def f(x):\n" * 40, GenerationParams(max_new_tokens=4)).result()  # warm-up
     raw = {"editor": {"cache": [], "no cache": []}, "turns": {"cache": [], "no cache": []},
            "streams": {"chunked": [], "one piece": []}}
+    traces = set(args.traces.split(","))
+    raw = {name: runs for name, runs in raw.items() if name in traces}
     for r in range(args.rounds):
         for name, mb in (("cache", 1024), ("no cache", 0)):
-            raw["editor"][name].append(editor_trace(model, tok, mb))
-            raw["turns"][name].append(multi_turn(model, tok, mb))
+            if "editor" in raw:
+                raw["editor"][name].append(editor_trace(model, tok, mb))
+            if "turns" in raw:
+                raw["turns"][name].append(multi_turn(model, tok, mb))
         for name, chunk in (("chunked", None), ("one piece", 100_000)):
-            raw["streams"][name].append(streams_during_long_prompt(model, chunk))
-        editor_ms = [statistics.median(raw["editor"][k][-1]) * 1e3 for k in ("cache", "no cache")]
-        turns_s = [sum(raw["turns"][k][-1]) for k in ("cache", "no cache")]
-        print(f"round {r + 1}: editor p50 {editor_ms[0]:.0f} vs {editor_ms[1]:.0f} ms; turns {turns_s[0]:.2f}"
-              f" vs {turns_s[1]:.2f} s; largest gap "
-              f"{raw['streams']['chunked'][-1]['largest_gap_steps']:.1f} vs "
-              f"{raw['streams']['one piece'][-1]['largest_gap_steps']:.1f} steps", file=sys.stderr)
+            if "streams" in raw:
+                raw["streams"][name].append(streams_during_long_prompt(model, chunk))
+        print(f"round {r + 1}: {summary_line(raw)}", file=sys.stderr)
 
     def med(values):
         return statistics.median(values)
 
-    editor = {name: {"ttft_p50_s": med([percentile(t, 0.5) for t in runs]),
-                     "ttft_p95_s": med([percentile(t, 0.95) for t in runs])} for name, runs in raw["editor"].items()}
-    turns = {name: {"prefill_total_s": med([sum(t) for t in runs])} for name, runs in raw["turns"].items()}
-    streams = {name: {key: med([run[key] for run in runs]) for key in runs[0]} for name, runs in raw["streams"].items()}
-    results = {
-        "editor": editor, "editor_p50_speedup": editor["no cache"]["ttft_p50_s"] / editor["cache"]["ttft_p50_s"],
-        "editor_p95_speedup": editor["no cache"]["ttft_p95_s"] / editor["cache"]["ttft_p95_s"],
-        "turns": turns, "turns_speedup": turns["no cache"]["prefill_total_s"] / turns["cache"]["prefill_total_s"],
-        "streams": streams,
-    }
+    results = {}
+    if "editor" in raw:
+        editor = {name: {"ttft_p50_s": med([percentile(t, 0.5) for t in runs]),
+                         "ttft_p95_s": med([percentile(t, 0.95) for t in runs])}
+                  for name, runs in raw["editor"].items()}
+        results.update(editor=editor,
+                       editor_p50_speedup=editor["no cache"]["ttft_p50_s"] / editor["cache"]["ttft_p50_s"],
+                       editor_p95_speedup=editor["no cache"]["ttft_p95_s"] / editor["cache"]["ttft_p95_s"])
+        print_editor(results)
+    if "turns" in raw:
+        turns = {name: {"prefill_total_s": med([sum(t) for t in runs])} for name, runs in raw["turns"].items()}
+        results.update(turns=turns,
+                       turns_speedup=turns["no cache"]["prefill_total_s"] / turns["cache"]["prefill_total_s"])
+        print(f"multi-turn trace (8 turns): total prefill {turns['cache']['prefill_total_s']:.2f} s with the cache, "
+              f"{turns['no cache']['prefill_total_s']:.2f} s without -> {results['turns_speedup']:.1f}x less")
+    if "streams" in raw:
+        results["streams"] = {name: {key: med([run[key] for run in runs]) for key in runs[0]}
+                              for name, runs in raw["streams"].items()}
+        for name, s in results["streams"].items():
+            print(f"8 streams + an 1,800-token prompt, {name} (chunk {s['prefill_chunk']}): median step "
+                  f"{s['median_step_s'] * 1e3:.0f} ms, largest gap {s['largest_gap_s'] * 1e3:.0f} ms "
+                  f"({s['largest_gap_steps']:.1f} steps), long prompt's first token after "
+                  f"{s['long_prompt_ttft_s']:.2f} s")
+    write_json(args.out, {"shape": args.shape, "cpu": cpu, "threads": args.threads, "rounds": args.rounds,
+                          "results": results, "raw": raw})
+
+
+def summary_line(raw: dict) -> str:
+    parts = []
+    if "editor" in raw:
+        ms = [statistics.median(raw["editor"][k][-1]) * 1e3 for k in ("cache", "no cache")]
+        parts.append(f"editor p50 {ms[0]:.0f} vs {ms[1]:.0f} ms")
+    if "turns" in raw:
+        parts.append(f"turns {sum(raw['turns']['cache'][-1]):.2f} vs {sum(raw['turns']['no cache'][-1]):.2f} s")
+    if "streams" in raw:
+        parts.append(f"largest gap {raw['streams']['chunked'][-1]['largest_gap_steps']:.1f} vs "
+                     f"{raw['streams']['one piece'][-1]['largest_gap_steps']:.1f} steps")
+    return "; ".join(parts)
+
+
+def print_editor(results: dict) -> None:
+    editor = results["editor"]
     print(f"\neditor trace (30 requests, ~1,500-token file): time to first token p50 / p95\n"
           f"  prefix cache    {editor['cache']['ttft_p50_s'] * 1e3:7.0f} / "
           f"{editor['cache']['ttft_p95_s'] * 1e3:.0f} ms\n"
           f"  no prefix cache {editor['no cache']['ttft_p50_s'] * 1e3:7.0f} / "
           f"{editor['no cache']['ttft_p95_s'] * 1e3:.0f} ms\n"
           f"  -> {results['editor_p50_speedup']:.1f}x lower p50, {results['editor_p95_speedup']:.1f}x lower p95")
-    print(f"multi-turn trace (8 turns): total prefill {turns['cache']['prefill_total_s']:.2f} s with the cache, "
-          f"{turns['no cache']['prefill_total_s']:.2f} s without -> {results['turns_speedup']:.1f}x less")
-    for name, s in streams.items():
-        print(f"8 streams + an 1,800-token prompt, {name} (chunk {s['prefill_chunk']}): median step "
-              f"{s['median_step_s'] * 1e3:.0f} ms, largest gap {s['largest_gap_s'] * 1e3:.0f} ms "
-              f"({s['largest_gap_steps']:.1f} steps), long prompt's first token after {s['long_prompt_ttft_s']:.2f} s")
-    write_json(args.out, {"shape": args.shape, "cpu": cpu, "threads": args.threads, "rounds": args.rounds,
-                          "results": results, "raw": raw})
 
 
 if __name__ == "__main__":

@@ -109,6 +109,21 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    """Our model loaded from tiny_checkpoint (one per test module: tests may swap its modules)."""
+    from codegen_lm import CodeGenForCausalLM
+
+    return CodeGenForCausalLM.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_checkpoint):
+    from codegen_lm import CodeGenTokenizerFast
+
+    return CodeGenTokenizerFast.from_pretrained(tiny_checkpoint)
+
+
 def legacy_fp16_state_dict(model: torch.nn.Module, n_positions: int) -> dict[str, torch.Tensor]:
     """What the hub's 2022 `.bin` files hold: fp16 weights plus buffers that are not weights."""
     state = {k: v.detach().to(torch.float16).clone() for k, v in model.state_dict().items()}

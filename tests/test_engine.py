@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from codegen_lm import CodeGenForCausalLM, CodeGenTokenizerFast
+from codegen_lm import CodeGenForCausalLM
 from codegen_lm.engine import Engine, EngineError, GenerationParams, runner
 from codegen_lm.engine import engine as engine_module
 from codegen_lm.engine.runner import Row
@@ -21,16 +21,6 @@ from codegen_lm.kernels import _numba
 from codegen_lm.quantize import Int8Linear, quantize_model
 
 from .conftest import load_hf
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return CodeGenForCausalLM.from_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_checkpoint):
-    return CodeGenTokenizerFast.from_pretrained(tiny_checkpoint)
 
 
 def prompts(count: int, seed: int = 0) -> list[list[int]]:
@@ -425,7 +415,8 @@ def test_samples_sharing_a_prompt_match_unshared_decoding(model, monkeypatch):
     params = GenerationParams(n=6, max_new_tokens=12, temperature=0.9, seed=5)
     shared = [o.token_ids for o in Engine(model, max_batch=4).submit(p, params).result().outputs]
     real = engine_module.run
-    monkeypatch.setattr(engine_module, "run", lambda model, cache, rows, shared, *rest: real(model, cache, rows, (), *rest))
+    monkeypatch.setattr(engine_module, "run",
+                        lambda model, cache, rows, shared, *rest: real(model, cache, rows, (), *rest))
     plain = [o.token_ids for o in Engine(model, max_batch=4).submit(p, params).result().outputs]
     assert shared == plain
 

@@ -6,16 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from codegen_lm import CodeGenForCausalLM
 from codegen_lm.engine import Engine, GenerationParams
 from codegen_lm.engine.prefix_cache import PrefixCache
 
 BLOCK = 16
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return CodeGenForCausalLM.from_pretrained(tiny_checkpoint)
 
 
 def tokens(n: int, seed: int) -> list[int]:

@@ -10,19 +10,9 @@ import math
 import pytest
 import torch
 
-from codegen_lm import CodeGenConfig, CodeGenForCausalLM, CodeGenTokenizerFast
+from codegen_lm import CodeGenConfig, CodeGenForCausalLM
 from codegen_lm.engine import Engine, GenerationParams, prompt_lookup
 from codegen_lm.quantize import quantize_model
-
-
-@pytest.fixture(scope="module")
-def model(tiny_checkpoint):
-    return CodeGenForCausalLM.from_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_checkpoint):
-    return CodeGenTokenizerFast.from_pretrained(tiny_checkpoint)
 
 
 def prompts(count: int, seed: int) -> list[list[int]]:
@@ -35,7 +25,8 @@ def test_prompt_lookup_finds_the_latest_match():
     assert prompt_lookup([1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2, 3], k=2) == [7, 8]
     assert prompt_lookup([5, 6, 7], k=3) == []
     assert prompt_lookup([4, 1, 2, 4], k=3, max_ngram=2) == [1, 2, 4]
-    assert prompt_lookup([1, 1, 1], k=4) == [1]  # the occurrence ending just before the tail
+    assert prompt_lookup([1, 1, 1], k=4) == [1, 1, 1, 1]  # a repetition goes on with its period
+    assert prompt_lookup([7, 5, 6, 5, 6], k=5) == [5, 6, 5, 6, 5]
 
 
 def cases(base):

@@ -47,7 +47,9 @@ class SpeculativeStats:
 
 def prompt_lookup(context: Sequence[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the context's last n tokens
-    (longest n first)."""
+    (longest n first). Where that occurrence ends so near the end that fewer than k tokens follow it
+    (a repeating stretch: a line or token written again and again), the guesses continue the
+    repetition with its period."""
     context = list(context)
     size = len(context)
     for n in range(max_ngram, min_ngram - 1, -1):
@@ -57,7 +59,11 @@ def prompt_lookup(context: Sequence[int], k: int, max_ngram: int = 3, min_ngram:
         last = tail[-1]
         for end in range(size - 2, n - 2, -1):  # end: index of the last token of an earlier occurrence
             if context[end] == last and context[end - n + 1 : end + 1] == tail:
-                return context[end + 1 : end + 1 + k]
+                period = size - 1 - end
+                guesses: list[int] = []
+                for i in range(k):
+                    guesses.append(context[end + 1 + i] if end + 1 + i < size else guesses[i - period])
+                return guesses
     return []
 
 
