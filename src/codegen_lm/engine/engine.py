@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..kernels import onednn
+from .healing import TokenHealer
 from .params import GenerationParams, RequestOutput, SequenceOutput, StreamEvent
 from .prefix_cache import DEFAULT_MB, PrefixCache, PrefixCacheStats
 from .requests import Request, Sample
@@ -185,6 +186,8 @@ class Engine:
         self._blocks = CompiledBlocks() if compile else None
         self.vocab = config.vocab_size
         self.seen = torch.zeros(max_batch, self.vocab, dtype=torch.bool, device=self.device)
+        self.counts = torch.zeros(max_batch, self.vocab, dtype=torch.float32, device=self.device)  # generated, per slot
+        self._healer: TokenHealer | None = None
         self.rows: list[Sample] = []  # running samples; rows[i].row == i
         self.requests: dict[int, Request] = {}
         self.spec_stats = SpeculativeStats()
@@ -218,21 +221,33 @@ class Engine:
         if len(prompt_ids) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.max_seq_len} "
                              "positions (it must leave room for at least one new token)")
-        if params.stop and self.tokenizer is None:
-            raise ValueError("stop strings need an engine with a tokenizer")
+        if (params.stop or params.token_healing) and self.tokenizer is None:
+            raise ValueError("stop strings and token healing need an engine with a tokenizer")
+        bad = next((t for t in params.logit_bias or () if t >= self.vocab), None)
+        if bad is not None:
+            raise ValueError(f"logit_bias token id {bad} is outside the vocabulary of {self.vocab}")
+        healed, allowed = "", None
+        if params.token_healing:
+            heal = self.healer.heal(prompt_ids)
+            if heal is not None:
+                prompt_ids, healed, allowed = heal.prompt_ids, heal.removed.decode(), heal.allowed
         mode = params.speculative or self.speculative
         if mode == "draft" and self.draft is None:
             raise ValueError("speculative='draft' needs an engine with a draft model (Engine(speculative=model))")
         eos = params.eos_token_ids if params.eos_token_ids is not None else self.model.config.eos_token_ids
         request = Request(next(self._ids), prompt_ids, params,
                           min(params.max_new_tokens, self.max_seq_len - len(prompt_ids)), frozenset(eos),
-                          sorted(eos), mode, params.speculative_tokens or self.speculative_tokens, time.perf_counter())
+                          sorted(eos), mode, params.speculative_tokens or self.speculative_tokens, time.perf_counter(),
+                          healed, allowed)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs, request.prompt_top_logprobs = [], []
         for j in range(params.n):
             generator = None
             if params.seed is not None and not params.greedy:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed((params.seed * 1_000_003 + j) % 2**63)
-            stream = TextStream(self.tokenizer, params.stop, params.skip_special_tokens) if self.tokenizer else None
+            stream = TextStream(self.tokenizer, params.stop, params.skip_special_tokens, healed) if self.tokenizer \
+                else None
             output = SequenceOutput(j, logprobs=[] if params.logprobs is not None else None,
                                     top_logprobs=[] if params.logprobs else None)
             sample = Sample(request, j, generator, stream, output)
@@ -243,6 +258,13 @@ class Engine:
             self._inbox.append(request)
             self._cond.notify_all()
         return RequestHandle(self, request)
+
+    @property
+    def healer(self) -> TokenHealer:
+        """Every token's bytes, and token healing (built at first use: it reads the whole vocabulary)."""
+        if self._healer is None:
+            self._healer = TokenHealer(self.tokenizer, self.vocab, self.device)
+        return self._healer
 
     def cancel(self, request_id: int) -> None:
         """Stop a request: its samples free their slots at the next step."""
@@ -392,7 +414,8 @@ class Engine:
             request = self.scheduler.staged
             start, end = chunk
             last = end == len(request.prompt_ids)
-            rows.append(Row(self.staging, start, request.prompt_ids[start:end], "last" if last else "none"))
+            wanted = "all" if request.prompt_logprobs is not None else "last" if last else "none"
+            rows.append(Row(self.staging, start, request.prompt_ids[start:end], wanted))
             if len(self.rows) < self.max_batch:  # the slot its first sample will likely take
                 self.cache.touch(len(self.rows), start, end)
         if not rows:
@@ -407,15 +430,36 @@ class Engine:
         if chunk is not None:
             request.prefilled = end
             self._prefill_tokens += end - start
+            if request.prompt_logprobs is not None:
+                self._prompt_logprobs(request, logits[len(logits) - (end - start):], start, end)
             if last:
                 request.logits = logits[-1].clone()
                 self._store(request.prompt_ids, self.staging)
                 self._admit()
         self._release_finished()
 
+    def _prompt_logprobs(self, request: Request, logits: torch.Tensor, start: int, end: int) -> None:
+        """Log-probabilities of prompt tokens start+1 .. end (the last row predicts what follows the chunk:
+        the next chunk's first token, or nothing for the last chunk)."""
+        ids = request.prompt_ids
+        if start == 0:
+            request.prompt_logprobs.append(None)  # type: ignore[arg-type]
+            request.prompt_top_logprobs.append(None)  # type: ignore[arg-type]
+        targets = ids[start + 1 : end + 1]
+        logp = logits[: len(targets)].float().log_softmax(-1)
+        chosen = logp.gather(1, torch.tensor(targets, device=logp.device)[:, None])[:, 0].tolist()
+        n = request.params.prompt_logprobs
+        top = logp.topk(n, dim=-1) if n else None
+        for i, value in enumerate(chosen):
+            request.prompt_logprobs.append(value)
+            request.prompt_top_logprobs.append(
+                dict(zip(top.indices[i].tolist(), top.values[i].tolist())) if top is not None else {})
+
     def _start_prefill(self, request: Request) -> None:
-        """Put the longest cached run of the prompt's blocks into the staging slot."""
-        if self.prefix_cache is None:
+        """Put the longest cached run of the prompt's blocks into the staging slot (not for a request that
+        wants its prompt's log-probabilities: those need every position computed)."""
+        request.scheduled_at = time.perf_counter()
+        if self.prefix_cache is None or request.prompt_logprobs is not None:
             return
         blocks = self.prefix_cache.lookup(request.prompt_ids, len(request.prompt_ids) - 1)
         size = self.prefix_cache.block_tokens
@@ -442,6 +486,7 @@ class Engine:
             sample.row, sample.length = len(self.rows), prompt_len
             self.cache.copy_slot(self.staging, sample.row, prompt_len)
             self.seen[sample.row] = prompt_seen
+            self.counts[sample.row] = 0
             self.rows.append(sample)
         self.scheduler.admitted()
         if request.first_token_at is None:
@@ -522,8 +567,9 @@ class Engine:
 
     def _choose(self, logits: torch.Tensor, samples: list[Sample]):
         banned = [s.request.banned if s.generated < s.request.params.min_new_tokens else () for s in samples]
+        allowed = [s.request.allowed_first if s.generated == 0 else None for s in samples]
         return choose(logits, [s.request.params for s in samples], [s.generator for s in samples], self.seen,
-                      [s.row for s in samples], banned)
+                      [s.row for s in samples], banned, self.counts, allowed)
 
     def _take(self, s: Sample, choice) -> bool:
         """Append a chosen token to sample s (text, events, stop checks); False once it has finished."""
@@ -532,6 +578,8 @@ class Engine:
         s.generated += 1
         self._generated += 1
         self.seen[s.row, token] = True
+        if s.request.params.counts_tokens:
+            self.counts[s.row, token] += 1
         out = s.output
         out.token_ids.append(token)
         if out.logprobs is not None:
@@ -548,13 +596,16 @@ class Engine:
                 finish = "stop"
         if finish is None and s.generated >= s.request.max_new_tokens:
             finish = "length"
+        logprobs = [choice.logprob] if out.logprobs is not None else None
+        top = [choice.top] if out.top_logprobs is not None else None
         if finish is None:
-            self._emit(s.request, StreamEvent(s.index, delta, [token]))
+            self._emit(s.request, StreamEvent(s.index, delta, [token], None, logprobs, top))
             return True
-        self._finish(s, finish, delta, [token])
+        self._finish(s, finish, delta, [token], logprobs, top)
         return False
 
-    def _finish(self, sample: Sample, reason: str, delta: str = "", tokens: list[int] | None = None) -> None:
+    def _finish(self, sample: Sample, reason: str, delta: str = "", tokens: list[int] | None = None,
+                logprobs: list[float] | None = None, top: list[dict[int, float]] | None = None) -> None:
         """Mark a sample done and emit its last event (the rest of its text, its last token)."""
         if sample.finished:
             return
@@ -563,7 +614,7 @@ class Engine:
                 delta += sample.stream.finish()
             sample.output.text = sample.stream.text
         sample.output.finish_reason = reason
-        self._emit(sample.request, StreamEvent(sample.index, delta, tokens or [], reason))
+        self._emit(sample.request, StreamEvent(sample.index, delta, tokens or [], reason, logprobs, top))
 
     def _drop_cancelled(self) -> None:
         for sample in self.rows:
@@ -591,6 +642,8 @@ class Engine:
                 if self.draft is not None:
                     self.draft.move(last.row, i, last.draft_cached)
                 self.seen[i] = self.seen[last.row]
+                if last.request.params.counts_tokens:
+                    self.counts[i] = self.counts[last.row]
                 last.row = i
                 self.rows[i] = last
             sample.row = -1

@@ -45,12 +45,17 @@ class Request:
     speculative: str  # "off", "prompt-lookup" or "draft"
     speculative_tokens: int
     submitted_at: float
+    healed: str = ""  # text of the prompt token backed off by token healing
+    allowed_first: torch.Tensor | None = None  # [V] bool: what the first new token may be (token healing)
     samples: list[Sample] = field(default_factory=list)
     to_admit: deque[Sample] = field(default_factory=deque)
     prefilled: int = 0  # prompt tokens whose keys/values are in the staging slot
     cached_tokens: int = 0  # of which came from the prefix cache
     logits: torch.Tensor | None = None  # the last prompt token's, once the prompt is prefilled
+    prompt_logprobs: list[float] | None = None  # with params.prompt_logprobs, filled as chunks are prefilled
+    prompt_top_logprobs: list[dict[int, float]] | None = None
     cancelled: bool = False
+    scheduled_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
     # shared with consumers under the engine's condition:
@@ -65,4 +70,5 @@ class Request:
 
     def output(self) -> RequestOutput:
         return RequestOutput(self.id, list(self.prompt_ids), [s.output for s in self.samples], self.cached_tokens,
-                             self.submitted_at, self.first_token_at, self.finished_at)
+                             self.healed, self.prompt_logprobs, self.prompt_top_logprobs, self.submitted_at,
+                             self.scheduled_at, self.first_token_at, self.finished_at)

@@ -1,9 +1,11 @@
 """The one sampler: from a row's logits and its request's settings to the next token.
 
 The order and edge cases follow the `transformers` processors, so that the same settings mean the
-same distribution in both: repetition penalty on the raw logits, eos banned before min_new_tokens,
-then temperature, top-k (ties with the k-th kept) and top-p (the smallest set of most likely tokens
-whose probability exceeds p, at least one). Log-probabilities reported to the caller are the model's
+same distribution in both: repetition penalty on the raw logits, then OpenAI's presence and frequency
+penalties and logit bias (additive, so their order does not matter), eos banned before min_new_tokens
+and, after a healed prompt, the first token limited to those that extend it; then temperature, top-k
+(ties with the k-th kept) and top-p (the smallest set of most likely tokens whose probability exceeds
+p, at least one). Log-probabilities reported to the caller are the model's
 own: log-softmax of the raw logits.
 
 Every row draws from its own generator and takes the same path whatever else is in the step, so what a
@@ -37,6 +39,12 @@ def penalise_seen(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> t
         return scores
     penalised = torch.where(scores < 0, scores * penalty, scores / penalty)
     return torch.where(seen, penalised, scores)
+
+
+def penalise_counts(scores: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties over [rows, V] counts of the tokens each row generated: the logit of a token
+    generated c times drops by c x frequency + (c > 0) x presence."""
+    return scores - counts * frequency - (counts > 0).to(scores.dtype) * presence
 
 
 def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -124,13 +132,17 @@ def choose(
     seen: torch.Tensor,
     seen_rows: Sequence[int],
     banned: Sequence[Sequence[int]],
+    counts: torch.Tensor | None = None,
+    allowed: Sequence[torch.Tensor | None] | None = None,
 ) -> list[RowChoice]:
     """The next token of each row of `logits` [rows, V].
 
     params[r], generators[r]: row r's request settings and generator (None: the global one).
     seen[seen_rows[r]]: bitmap of the tokens row r has seen (prompt and sample), for the repetition
-    penalty. banned[r]: token ids row r may not pick now (eos before min_new_tokens). Rows with the
-    same settings object are processed together.
+    penalty; counts[seen_rows[r]]: how often row r generated each token, for the presence and
+    frequency penalties. banned[r]: token ids row r may not pick now (eos before min_new_tokens);
+    allowed[r]: None, or a [V] bool mask of the only tokens row r may pick. Rows with the same
+    settings object are processed together.
     """
     out: list[RowChoice | None] = [None] * logits.shape[0]
     groups: dict[int, list[int]] = {}
@@ -142,15 +154,25 @@ def choose(
         index = torch.tensor(rows, device=logits.device)
         raw = (logits if everything else logits.index_select(0, index)).float()  # a copy only where needed
         scores = raw
+        where = torch.tensor([seen_rows[r] for r in rows], device=logits.device)
         if settings.repetition_penalty != 1.0:
-            where = torch.tensor([seen_rows[r] for r in rows], device=logits.device)
             scores = penalise_seen(raw, seen.index_select(0, where), settings.repetition_penalty)
-        if any(banned[r] for r in rows):
+        if settings.counts_tokens:
+            scores = penalise_counts(scores, counts.index_select(0, where), settings.presence_penalty,
+                                     settings.frequency_penalty)
+        if settings.logit_bias:
+            bias = torch.zeros(scores.shape[-1], dtype=scores.dtype, device=scores.device)
+            bias[list(settings.logit_bias)] = torch.tensor(list(settings.logit_bias.values()), dtype=scores.dtype)
+            scores = scores + bias
+        masks = allowed or [None] * logits.shape[0]
+        if any(banned[r] or masks[r] is not None for r in rows):
             if scores is raw:  # raw (maybe the caller's logits) stays intact, for logprobs
                 scores = raw.clone()
             for i, r in enumerate(rows):
                 if banned[r]:
                     scores[i, list(banned[r])] = float("-inf")
+                if masks[r] is not None:
+                    scores[i].masked_fill_(~masks[r], float("-inf"))
         if settings.greedy:
             tokens = scores.argmax(dim=-1).tolist()
         else:

@@ -36,13 +36,16 @@ class TextStream:
 
     Text is held back while it ends in an incomplete UTF-8 character or could be the beginning of a
     stop string; once a stop string appears, `stopped` is set and no text from it onward is ever
-    handed out.
+    handed out. `prefix`: text the sequence starts with that is neither handed out nor searched for
+    stop strings (what the first token after a healed prompt repeats of the token backed off).
     """
 
-    def __init__(self, tokenizer: Decoder, stops: Sequence[str] = (), skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Decoder, stops: Sequence[str] = (), skip_special_tokens: bool = True,
+                 prefix: str = "") -> None:
         if any(not s for s in stops):
             raise ValueError("stop strings must not be empty")
         self.tokenizer = tokenizer
+        self.prefix = prefix
         self.stops = list(stops)
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
@@ -56,6 +59,8 @@ class TextStream:
             return ""
         self.ids.append(int(token_id))
         text = self.tokenizer.decode(self.ids, skip_special_tokens=self.skip_special_tokens)
+        if self.prefix:
+            text = text[len(self.prefix):] if text.startswith(self.prefix) else text
         if self.stops:
             # A new stop can only start where the previously held-back tail began.
             pos = find_stop(text, self.stops, max(0, self.emitted - max(len(s) for s in self.stops)))
