@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import data, evaluate, generate, info, tokenizer, train
+from . import data, evaluate, generate, info, serve, tokenizer, train
 from .common import CliError, OneLineParser
 
-COMMANDS = (generate, evaluate, info, data, tokenizer, train)
+COMMANDS = (generate, evaluate, info, data, tokenizer, train, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

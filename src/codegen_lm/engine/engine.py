@@ -59,6 +59,8 @@ class EngineStats:
     steps: int
     prefill_tokens: int  # prompt tokens computed (not taken from the prefix cache)
     generated_tokens: int
+    running_requests: int = 0  # requests with samples in slots
+    slots: int = 0  # of which `running` are in use
 
 
 class RequestHandle:
@@ -98,6 +100,10 @@ class RequestHandle:
                 return
             if future is not None:
                 await future
+
+    def output(self) -> RequestOutput:
+        """What the request has so far (a snapshot; complete once the last event has been consumed)."""
+        return self._request.output()
 
     def result(self) -> RequestOutput:
         for _ in self.stream():
@@ -286,7 +292,7 @@ class Engine:
         return EngineStats(len(self.rows), len(self.scheduler) + len(self._inbox),
                            self.prefix_cache.stats() if self.prefix_cache else None,
                            SpeculativeStats(**vars(self.spec_stats)), self._steps, self._prefill_tokens,
-                           self._generated)
+                           self._generated, len({s.request.id for s in list(self.rows)}), self.max_batch)
 
     @torch.inference_mode()
     def step(self) -> bool:
