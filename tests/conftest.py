@@ -109,6 +109,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def serve_checkpoint(tmp_path_factory) -> Path:
+    """A small random CodeGen with the released models' 2,048-position context (for the server)."""
+    folder = tmp_path_factory.mktemp("ckpt-serve")
+    make_hf_model(seed=11, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=2048,
+                  n_ctx=2048).save_pretrained(folder)
+    write_tokenizer_files(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint):
     """Our model loaded from tiny_checkpoint (one per test module: tests may swap its modules)."""

@@ -267,7 +267,15 @@ def test_running_streams_keep_producing_tokens_while_a_long_prompt_is_prefilled(
 def test_chunks_are_sized_by_measured_step_times():
     from types import SimpleNamespace
 
-    from codegen_lm.engine.scheduler import CHUNK_BUDGET, FIRST_CHUNK, MIN_CHUNK, RESAMPLE_EVERY, SOLO_CHUNK, Scheduler
+    from codegen_lm.engine.scheduler import (
+        BUSY_CHUNK_BUDGET,
+        CHUNK_BUDGET,
+        FIRST_CHUNK,
+        MIN_CHUNK,
+        RESAMPLE_EVERY,
+        SOLO_CHUNK,
+        Scheduler,
+    )
 
     s = Scheduler(4)
     s.staged = SimpleNamespace(logits=None, prefilled=0, prompt_ids=[1] * 10_000)
@@ -282,6 +290,10 @@ def test_chunks_are_sized_by_measured_step_times():
     for _ in range(RESAMPLE_EVERY):
         s.observe(3, 10, 0.2)
     assert s.chunk(3) is None and s.chunk(3) is not None  # one plain step in RESAMPLE_EVERY
+    s.observe(3, 20, 0.300)
+    calm = s.chunk_size(3)
+    s.waiting.append(SimpleNamespace())  # another prompt waits behind the staged one: bigger chunks
+    assert s.chunk_size(3) == int(BUSY_CHUNK_BUDGET * s.decode_step_s / s.token_s) > calm
     fixed = Scheduler(4, prefill_chunk=7)
     fixed.staged = s.staged
     assert fixed.chunk(2) == (0, 7)
@@ -566,3 +578,27 @@ def test_bf16_products_and_bf16_weights_stay_close_to_fp32(tiny_checkpoint):
     assert Engine(fp32, matmul_dtype="auto").matmul_dtype == (torch.bfloat16 if onednn.bf16_native() else torch.float32)
     with pytest.raises(ValueError, match="matmul_dtype must be"):
         Engine(fp32, matmul_dtype="float16")
+
+
+def test_prefill_goes_on_while_every_slot_is_taken(model):
+    """With all slots decoding, the next prompt is prefilled and waits ready in its staging slot, and the
+    one after it is prefilled in the other; each request still gets the tokens it gets alone."""
+    g = torch.Generator().manual_seed(31)
+    long_ones = [torch.randint(0, 50000, (6,), generator=g).tolist() for _ in range(2)]
+    queued = [torch.randint(0, 50000, (30,), generator=g).tolist() for _ in range(2)]
+    engine = Engine(model, max_batch=2, prefill_chunk=8, prefix_cache_mb=0)
+    decoding = GenerationParams(max_new_tokens=60, eos_token_ids=[])
+    waiting = GenerationParams(n=2, max_new_tokens=5, temperature=0.7, seed=3)
+    handles = [engine.submit(p, decoding) for p in long_ones] + [engine.submit(p, waiting) for p in queued]
+    third, fourth = (h._request for h in handles[2:])
+    for _ in range(40):
+        engine.step()
+        if fourth.prefilled == len(queued[1]):
+            break
+    assert len(engine.rows) == 2 and all(s.request.params is decoding for s in engine.rows)  # slots all taken
+    assert engine.scheduler.ready is third and third.prefilled == len(queued[0])
+    assert engine.scheduler.staged is fourth and fourth.logits is not None  # prefilled too, in the other slot
+    assert {third.staging, fourth.staging} == set(engine.staging)
+    engine.run()
+    for h, p, params in zip(handles, long_ones + queued, [decoding] * 2 + [waiting] * 2):
+        assert [o.token_ids for o in h.result().outputs] == [o.token_ids for o in alone(model, p, params).outputs]

@@ -5,8 +5,6 @@ own in this process and with `transformers`' log-probabilities."""
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
 import sys
 import time
@@ -20,55 +18,16 @@ import torch
 from codegen_lm import CodeGenForCausalLM, CodeGenTokenizerFast
 from codegen_lm.engine import Engine, GenerationParams
 
-from .conftest import load_hf, make_hf_model, write_tokenizer_files
+from .conftest import load_hf
+from .server_process import Server
 
 EOS = 50256
 NO_EOS = {str(EOS): -100}  # keeps a sample going until max_tokens
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """A small random CodeGen with the released models' 2,048-position context."""
-    folder = tmp_path_factory.mktemp("ckpt-serve")
-    make_hf_model(seed=11, n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=2048, n_ctx=2048).save_pretrained(
-        folder)
-    write_tokenizer_files(folder)
-    return folder
-
-
-class Server:
-    def __init__(self, folder: Path, *options: str) -> None:
-        command = [sys.executable, "-m", "codegen_lm", "serve", "--model", str(folder), "--port", "0",
-                   "--threads", "1", "--log-level", "warning", *options]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
-        deadline = time.monotonic() + 120
-        line = ""
-        while time.monotonic() < deadline:
-            line = self.process.stderr.readline()
-            found = re.search(r"on (http://\S+) ", line)
-            if found:
-                self.url = found.group(1)
-                break
-            if not line and self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with {self.process.returncode}")
-        else:
-            raise RuntimeError("the server did not start in 120 s")
-
-    def client(self, key: str = "unused") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-    def metric(self, name: str, labels: str = "") -> float:
-        text = httpx.get(self.url + "/metrics").text
-        found = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-        return float(found.group(1)) if found else 0.0
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+def checkpoint(serve_checkpoint) -> Path:
+    return serve_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +134,24 @@ def test_echo_scores_the_prompt_like_transformers(server, checkpoint):
     echoed = server.client().completions.create(model=server_model(server), prompt=prompt, max_tokens=4, echo=True,
                                                 temperature=0)
     assert echoed.choices[0].text.startswith(prompt) and len(echoed.choices[0].text) > len(prompt)
+
+
+def test_openai_penalties_and_bias_reach_the_engine(server, engine):
+    options = dict(presence_penalty=1.2, frequency_penalty=0.7, logit_bias={"198": 5.0, str(EOS): -100})
+    out = server.client().completions.create(model=server_model(server), prompt=PROMPT, max_tokens=12,
+                                             temperature=0, **options)
+    want = engine.submit(PROMPT, GenerationParams(max_new_tokens=12, presence_penalty=1.2, frequency_penalty=0.7,
+                                                  logit_bias={198: 5.0, EOS: -100})).result().outputs[0]
+    plain = engine.submit(PROMPT, GenerationParams(max_new_tokens=12, logit_bias={EOS: -100})).result().outputs[0]
+    assert out.choices[0].text == want.text != plain.text
+
+
+def test_token_id_prompts_are_not_healed(server, engine):
+    ids = engine.tokenizer.encode("def add(a, b):\n    return a ")
+    body = {"prompt": ids, "max_tokens": 6, "temperature": 0, "logit_bias": NO_EOS}
+    text = httpx.post(server.url + "/v1/engines/codegen/completions", json=body, timeout=60).json()
+    want = engine.submit(ids, GenerationParams(max_new_tokens=6, logit_bias={EOS: -100})).result().outputs[0]
+    assert text["choices"][0]["text"] == want.text
 
 
 def test_stop_strings_end_the_text_before_them(server, engine):

@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     aliases = tuple({args.model, Path(args.model).name} - {name})
     ctx = ServerContext(engine, tokenizer, name, aliases, api_key=args.api_key or None, max_queue=args.max_queue)
     app = create_app(ctx)
+    sock.listen(2048)  # connections made from now on wait for uvicorn instead of being refused
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"codegen-lm: serving {name} on http://{shown}:{port} (playground at /, OpenAI API at /v1)",

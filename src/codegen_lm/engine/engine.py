@@ -181,8 +181,8 @@ class Engine:
             self.speculative = "draft"
         self.max_batch = max_batch
         self.device = model.transformer.wte.weight.device
-        self.staging = max_batch  # the slot where prompts are prefilled
-        self.cache = SlotCache(config.n_layer, max_batch + 1, config.n_head, config.head_dim, self.max_seq_len,
+        self.staging = (max_batch, max_batch + 1)  # the slots where prompts are prefilled (scheduler.py)
+        self.cache = SlotCache(config.n_layer, max_batch + 2, config.n_head, config.head_dim, self.max_seq_len,
                                model.transformer.wte.weight.dtype, self.device, initial_len=initial_len)
         self.prefix_cache: PrefixCache | None = None
         if prefix_cache_mb > 0:
@@ -421,7 +421,7 @@ class Engine:
             start, end = chunk
             last = end == len(request.prompt_ids)
             wanted = "all" if request.prompt_logprobs is not None else "last" if last else "none"
-            rows.append(Row(self.staging, start, request.prompt_ids[start:end], wanted))
+            rows.append(Row(request.staging, start, request.prompt_ids[start:end], wanted))
             if len(self.rows) < self.max_batch:  # the slot its first sample will likely take
                 self.cache.touch(len(self.rows), start, end)
         if not rows:
@@ -440,7 +440,8 @@ class Engine:
                 self._prompt_logprobs(request, logits[len(logits) - (end - start):], start, end)
             if last:
                 request.logits = logits[-1].clone()
-                self._store(request.prompt_ids, self.staging)
+                self._store(request.prompt_ids, request.staging)
+                self.scheduler.prefilled()
                 self._admit()
         self._release_finished()
 
@@ -465,12 +466,14 @@ class Engine:
         """Put the longest cached run of the prompt's blocks into the staging slot (not for a request that
         wants its prompt's log-probabilities: those need every position computed)."""
         request.scheduled_at = time.perf_counter()
+        ready = self.scheduler.ready
+        request.staging = self.staging[1] if ready is not None and ready.staging == self.staging[0] else self.staging[0]
         if self.prefix_cache is None or request.prompt_logprobs is not None:
             return
         blocks = self.prefix_cache.lookup(request.prompt_ids, len(request.prompt_ids) - 1)
         size = self.prefix_cache.block_tokens
         for i, data in enumerate(blocks):
-            self.cache.write(self.staging, i * size, data)
+            self.cache.write(request.staging, i * size, data)
         request.prefilled = request.cached_tokens = len(blocks) * size
 
     def _store(self, tokens: list[int], slot: int) -> None:
@@ -479,18 +482,21 @@ class Engine:
             self.prefix_cache.insert(tokens, lambda start, end, out: self.cache.read(slot, start, end, out))
 
     def _admit(self) -> None:
-        """Give free slots to the staged request's samples once its prompt is prefilled."""
-        take = self.scheduler.admissions(len(self.rows))
-        if not take:
-            return
-        request = self.scheduler.staged
+        """Give free slots to the samples of prefilled prompts (the ready request, then the next)."""
+        while True:
+            take = self.scheduler.admissions(len(self.rows))
+            if not take:
+                return
+            self._admit_samples(self.scheduler.ready, take)
+
+    def _admit_samples(self, request: Request, take: int) -> None:
         prompt_len = len(request.prompt_ids)
         prompt_seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
         prompt_seen[torch.tensor(request.prompt_ids, device=self.device)] = True
         admitted = [request.to_admit.popleft() for _ in range(take)]
         for sample in admitted:
             sample.row, sample.length = len(self.rows), prompt_len
-            self.cache.copy_slot(self.staging, sample.row, prompt_len)
+            self.cache.copy_slot(request.staging, sample.row, prompt_len)
             self.seen[sample.row] = prompt_seen
             self.counts[sample.row] = 0
             self.rows.append(sample)
@@ -626,7 +632,8 @@ class Engine:
         for sample in self.rows:
             if sample.request.cancelled:
                 self._finish(sample, "cancelled")
-        for request in [r for r in [self.scheduler.staged, *self.scheduler.waiting] if r is not None and r.cancelled]:
+        queued = [self.scheduler.ready, self.scheduler.staged, *self.scheduler.waiting]
+        for request in [r for r in queued if r is not None and r.cancelled]:
             self.scheduler.drop(request)
             for sample in request.to_admit:
                 self._finish(sample, "cancelled")

@@ -49,6 +49,7 @@ class Request:
     allowed_first: torch.Tensor | None = None  # [V] bool: what the first new token may be (token healing)
     samples: list[Sample] = field(default_factory=list)
     to_admit: deque[Sample] = field(default_factory=deque)
+    staging: int = -1  # the staging slot its prompt is prefilled in
     prefilled: int = 0  # prompt tokens whose keys/values are in the staging slot
     cached_tokens: int = 0  # of which came from the prefix cache
     logits: torch.Tensor | None = None  # the last prompt token's, once the prompt is prefilled

@@ -30,6 +30,7 @@ class CompletionJob:
 
     prompts: list[list[int]]
     prompt_texts: list[str]  # what echo returns
+    from_text: list[bool]  # whether each prompt came as text (token ids are taken as given: no healing)
     params: GenerationParams  # of each engine request (n = best_of)
     n: int
     best_of: int
@@ -96,7 +97,7 @@ def parse(body: object, ctx: ServerContext, engine_route: bool = False) -> Compl
         token_healing=healing,
         speculative=None,
     )
-    prompts, texts = _prompts(f, ctx)
+    prompts, texts, from_text = _prompts(f, ctx)
     if len(prompts) * best_of > MAX_SAMPLES:
         raise APIError(400, f"{len(prompts)} prompts x {best_of} samples is more than the {MAX_SAMPLES} one request "
                             "may ask for", "n", "invalid_value")
@@ -105,8 +106,8 @@ def parse(body: object, ctx: ServerContext, engine_route: bool = False) -> Compl
             raise APIError(400, f"prompt {i} has {len(ids)} tokens, and this model's maximum context length is "
                                 f"{ctx.context} tokens, which must leave room for at least one new token; shorten "
                                 "the prompt", "prompt", "context_length_exceeded")
-    return CompletionJob(prompts, texts, params, n, best_of, echo, logprobs, max_tokens, stream, include_usage,
-                         model or ctx.model_name)
+    return CompletionJob(prompts, texts, from_text, params, n, best_of, echo, logprobs, max_tokens, stream,
+                         include_usage, model or ctx.model_name)
 
 
 def _logit_bias(f: Fields, vocab: int) -> dict[int, float]:
@@ -127,8 +128,9 @@ def _logit_bias(f: Fields, vocab: int) -> dict[int, float]:
     return bias
 
 
-def _prompts(f: Fields, ctx: ServerContext) -> tuple[list[list[int]], list[str]]:
-    """The prompt field (a string, strings, token ids or lists of token ids) as token ids and texts."""
+def _prompts(f: Fields, ctx: ServerContext) -> tuple[list[list[int]], list[str], list[bool]]:
+    """The prompt field (a string, strings, token ids or lists of token ids) as token ids, texts and
+    whether each was text."""
     prompt = f.raw("prompt", None)
     if prompt is None:
         raise APIError(400, "'prompt' is required", "prompt", "missing_required_parameter")
@@ -137,7 +139,7 @@ def _prompts(f: Fields, ctx: ServerContext) -> tuple[list[list[int]], list[str]]
     if not isinstance(prompt, list) or not prompt:
         raise f.fail("prompt", "must be a string, a list of strings, a list of token ids or a list of lists of "
                                "token ids (not empty)", prompt)
-    ids, texts = [], []
+    ids, texts, from_text = [], [], []
     for i, p in enumerate(prompt):
         if isinstance(p, str):
             tokens = ctx.tokenizer.encode(p)
@@ -152,7 +154,8 @@ def _prompts(f: Fields, ctx: ServerContext) -> tuple[list[list[int]], list[str]]
             raise f.fail("prompt", f"item {i} must be a string or a non-empty list of token ids", p)
         ids.append(tokens or [ctx.eos_token_id])  # an empty prompt starts from <|endoftext|>, as OpenAI's do
         texts.append(text)
-    return ids, texts
+        from_text.append(isinstance(p, str))
+    return ids, texts, from_text
 
 
 def _is_id(value: object) -> bool:
@@ -165,9 +168,9 @@ def _is_id(value: object) -> bool:
 def submit(job: CompletionJob, ctx: ServerContext) -> list[RequestHandle]:
     handles = []
     try:
-        for ids, text in zip(job.prompts, job.prompt_texts):
+        for ids, text in zip(job.prompts, job.from_text):
             params = job.params
-            if params.token_healing and text != ctx.tokenizer.decode(ids):  # token ids: the caller chose them
+            if params.token_healing and not text:  # token ids: the caller chose them
                 params = dataclasses.replace(params, token_healing=False)
             handles.append(ctx.engine.submit(ids, params))
     except ValueError as exc:
