@@ -51,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=codegen_lm.DEFAULT_MODEL)
     parser.add_argument("--per-kind", type=int, default=100)
-    parser.add_argument("--context", type=int, default=1500, help="characters of text before the cursor")
+    parser.add_argument("--context", type=int, default=1000, help="characters of text before the cursor")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "token_healing.json")
     args = parser.parse_args()
     model = CodeGenForCausalLM.from_pretrained(args.model)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import httpx
 import openai
+import torch
 
 
 class Server:
     def __init__(self, folder: Path, *options: str) -> None:
         command = [sys.executable, "-m", "codegen_lm", "serve", "--model", str(folder), "--port", "0",
-                   "--threads", "1", "--log-level", "warning", *options]
+                   "--threads", str(torch.get_num_threads()), "--log-level", "warning", *options]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + 120

@@ -39,8 +39,8 @@ def server(checkpoint):
 
 @pytest.fixture(scope="module")
 def engine(checkpoint):
-    """The same checkpoint in this process: what the server's answers must equal."""
-    torch.set_num_threads(1)
+    """The same checkpoint in this process: what the server's answers must equal (the server runs with this
+    process's thread count, so that both reduce in the same order)."""
     return Engine(CodeGenForCausalLM.from_pretrained(checkpoint), CodeGenTokenizerFast.from_pretrained(checkpoint))
 
 
