@@ -3,13 +3,14 @@ the same web framework (Starlette on uvicorn), one request at a time, streaming 
 TextIteratorStreamer. Greedy or sampled completions in OpenAI's completions shape (the fields the
 benchmark sends: prompt, max_tokens, temperature, stream).
 
-    python bench/hf_server.py MODEL_DIR PORT
+    python bench/hf_server.py MODEL_DIR [PORT]     (default 0: a free port, printed on stderr)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ from starlette.routing import Route
 
 
 def main() -> None:
-    folder, port = sys.argv[1], int(sys.argv[2])
+    folder, port = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     lock = asyncio.Lock()  # one generate at a time
@@ -75,8 +76,11 @@ def main() -> None:
 
     app = Starlette(routes=[Route("/v1/completions", completions, methods=["POST"]),
                             Route("/v1/models", models, methods=["GET"])])
-    print(f"serving on http://127.0.0.1:{port} ", file=sys.stderr, flush=True)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    sock.listen(2048)  # connections wait for uvicorn from here on
+    print(f"serving on http://127.0.0.1:{sock.getsockname()[1]} ", file=sys.stderr, flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
 if __name__ == "__main__":

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -135,28 +133,7 @@ def editor_session(url: str, tok, positions: int) -> dict:
 
 def start_hf(folder: Path) -> Server:
     """bench/hf_server.py in its own process, wrapped like our server."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = Server.__new__(Server)
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    server.process = subprocess.Popen([sys.executable, str(REPO / "bench" / "hf_server.py"), str(folder), str(port)],
-                                      stderr=subprocess.PIPE, text=True, env=env)
-    while "serving on" not in server.process.stderr.readline():
-        if server.process.poll() is not None:
-            raise RuntimeError("bench/hf_server.py did not start")
-    server.url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    for _ in range(600):  # uvicorn starts listening a moment after the line
-        try:
-            httpx.get(server.url + "/v1/models")
-            break
-        except httpx.ConnectError:
-            time.sleep(0.1)
-    return server
+    return Server(folder, command=[sys.executable, str(REPO / "bench" / "hf_server.py"), str(folder)])
 
 
 def main() -> None:

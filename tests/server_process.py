@@ -15,10 +15,12 @@ import torch
 
 
 class Server:
-    def __init__(self, folder: Path, *options: str) -> None:
-        command = [sys.executable, "-m", "codegen_lm", "serve", "--model", str(folder), "--port", "0",
-                   "--threads", str(torch.get_num_threads()), "--log-level", "warning", *options]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    def __init__(self, folder: Path, *options: str, command: list[str] | None = None) -> None:
+        """`codegen-lm serve --model folder options...`, or `command`: any server that prints "... on
+        http://HOST:PORT " on stderr once it accepts connections (bench/hf_server.py does)."""
+        command = command or [sys.executable, "-m", "codegen_lm", "serve", "--model", str(folder), "--port", "0",
+                              "--threads", str(torch.get_num_threads()), "--log-level", "warning", *options]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
         self.process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.monotonic() + 120
         line = ""

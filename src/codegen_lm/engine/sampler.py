@@ -154,7 +154,8 @@ def choose(
         index = torch.tensor(rows, device=logits.device)
         raw = (logits if everything else logits.index_select(0, index)).float()  # a copy only where needed
         scores = raw
-        where = torch.tensor([seen_rows[r] for r in rows], device=logits.device)
+        if settings.repetition_penalty != 1.0 or settings.counts_tokens:
+            where = torch.tensor([seen_rows[r] for r in rows], device=logits.device)
         if settings.repetition_penalty != 1.0:
             scores = penalise_seen(raw, seen.index_select(0, where), settings.repetition_penalty)
         if settings.counts_tokens:

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from ..engine import EngineError, RequestHandle, StreamEvent
+from ..engine import EngineError, RequestHandle, RequestOutput, StreamEvent
 from . import completions, tgi
 from .context import ServerContext
 from .errors import APIError
@@ -209,11 +209,10 @@ async def _completions(request: Request, ctx: ServerContext, engine_route: bool)
     if job.stream:
         return _sse(completions.stream(job, ctx, handles, tracker.observe), handles, tracker, "[DONE]")
     try:
-        body = await _unless_disconnected(request, _observed(completions.complete(job, ctx, handles), handles,
-                                                                tracker))
+        results = await _unless_disconnected(request, _observed(handles, tracker))
     finally:
         _close(handles, tracker)
-    return JSONResponse(body)
+    return JSONResponse(completions.complete(job, ctx, results))
 
 
 async def _tgi(request: Request, ctx: ServerContext, stream: bool | None) -> Response:
@@ -228,27 +227,21 @@ async def _tgi(request: Request, ctx: ServerContext, stream: bool | None) -> Res
     if job.stream:
         return _sse(tgi.stream(job, ctx, handle, tracker.observe), [handle], tracker, None)
     try:
-        result = await _unless_disconnected(request, _observed_one(handle, tracker))
+        (result,) = await _unless_disconnected(request, _observed([handle], tracker))
     finally:
         _close([handle], tracker)
     body = tgi.response(job, ctx, result)
     return JSONResponse([body] if stream is None else body)
 
 
-async def _observed(body_coro, handles: list[RequestHandle], tracker: _Tracker):
-    """Await a whole response while feeding the request's events to the metrics."""
-    async def watch(i: int, h: RequestHandle) -> None:
+async def _observed(handles: list[RequestHandle], tracker: _Tracker) -> list[RequestOutput]:
+    """The requests' results, their events fed to the metrics on the way."""
+    async def watch(i: int, h: RequestHandle) -> RequestOutput:
         async for event in h.astream():
             tracker.observe(i, event)
+        return h.output()
 
-    await asyncio.gather(*(watch(i, h) for i, h in enumerate(handles)))
-    return await body_coro
-
-
-async def _observed_one(handle: RequestHandle, tracker: _Tracker):
-    async for event in handle.astream():
-        tracker.observe(0, event)
-    return handle.output()
+    return list(await asyncio.gather(*(watch(i, h) for i, h in enumerate(handles))))
 
 
 async def _unless_disconnected(request: Request, work):

@@ -204,9 +204,8 @@ def _mean_logprob(o) -> float:
     return sum(o.logprobs) / max(len(o.logprobs), 1)
 
 
-async def complete(job: CompletionJob, ctx: ServerContext, handles: list[RequestHandle]) -> dict:
-    """The whole response of a non-streamed request."""
-    results: list[RequestOutput] = list(await asyncio.gather(*(h.aresult() for h in handles)))
+def complete(job: CompletionJob, ctx: ServerContext, results: list[RequestOutput]) -> dict:
+    """The whole response of a non-streamed request, from its requests' results."""
     choices, completion_tokens, prompt_tokens = [], 0, 0
     for i, (result, text) in enumerate(zip(results, job.prompt_texts)):
         prompt_tokens += len(job.prompts[i])

@@ -30,6 +30,7 @@ class ServerContext:
         self.context = self.engine.max_seq_len
         self.eos_token_id = self.tokenizer.eos_token_id
         self.token_text = lru_cache(maxsize=65536)(self._token_text)
+        self.engine.healer  # noqa: B018 - built now (reads the whole vocabulary), not in the first request
         self.metrics.watch(self.engine)
 
     def _token_text(self, token: int) -> str:

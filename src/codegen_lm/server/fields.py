@@ -35,14 +35,19 @@ class Fields:
         value = self.body.get(key, MISSING)
         return default if value is MISSING or value is None else value
 
+    def given(self, key: str) -> Any:
+        """The field's value, or MISSING when it is absent or null (both mean "the default")."""
+        value = self.body.get(key, MISSING)
+        return MISSING if value is None else value
+
     def fail(self, key: str, rule: str, value: Any = MISSING) -> APIError:
         got = "" if value is MISSING else f", got {_show(value)}"
         return APIError(400, f"'{self.name(key)}' {rule}{got}", self.name(key), "invalid_value")
 
     def integer(self, key: str, default: Any, low: int | None = None, high: int | None = None) -> Any:
-        value = self.raw(key, default)
-        if value is default:
-            return value
+        value = self.given(key)
+        if value is MISSING:
+            return default
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -53,9 +58,9 @@ class Fields:
 
     def number(self, key: str, default: Any, low: float | None = None, high: float | None = None,
                low_open: bool = False) -> Any:
-        value = self.raw(key, default)
-        if value is default:
-            return value
+        value = self.given(key)
+        if value is MISSING:
+            return default
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise self.fail(key, "must be a finite number", value)
         if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
@@ -63,14 +68,18 @@ class Fields:
         return float(value)
 
     def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw(key, default)
+        value = self.given(key)
+        if value is MISSING:
+            return default
         if not isinstance(value, bool):
             raise self.fail(key, "must be true or false", value)
         return value
 
     def string(self, key: str, default: Any) -> Any:
-        value = self.raw(key, default)
-        if value is not default and not isinstance(value, str):
+        value = self.given(key)
+        if value is MISSING:
+            return default
+        if not isinstance(value, str):
             raise self.fail(key, "must be a string", value)
         return value
 
