@@ -21,9 +21,9 @@ Isolation, strongest first; each layer is used where the kernel and privileges a
   unix sockets included), a PID namespace in which the zygote is PID 1 (after every program it kills
   every other process in it), a mount namespace in which the whole filesystem is read-only except a
   fresh size- and inode-limited tmpfs mounted for each program and detached after it, and an IPC
-  namespace of its own for each program (SysV shared memory, semaphores and message queues and POSIX
-  queues die with the program). As an ordinary user, programs are root of the user namespace with
-  every capability dropped.
+  namespace (no SysV object or POSIX queue of the host is reachable; where the seccomp filter below is
+  missing, every program gets one of its own, so whatever IPC objects it makes die with it). As an
+  ordinary user, programs are root of the user namespace with every capability dropped.
 * A seccomp filter in every program: no sockets of any family (so no unix socket of a host service
   either), no new namespaces, mounts, ptrace, io_uring, keyrings, SysV IPC, BPF, perf, modules, clock
   or host changes (each refused with EPERM).
@@ -199,6 +199,10 @@ class Sandbox:
 
     `workers` programs start at once (default: one per CPU); programs running past 0.1 s make room
     for others, up to `max_workers` programs in flight (default: 4 x workers, capped by memory).
+    `clock="own"` (default) times each program on its own time (wall minus CPU wait), so verdicts do
+    not depend on the load; `clock="wall"` is the reference harness's wall clock (endless loops then
+    cost only their timeout, not their CPU, but a slow correct program can time out on a busy machine,
+    as it can there); it keeps at most 2 x workers in flight.
     Starting it costs one interpreter start-up per worker (~0.2 s, in parallel); use it as a context
     manager or call `close` (it is also closed when garbage-collected). Thread-safe.
 
@@ -217,6 +221,7 @@ class Sandbox:
         *,
         max_workers: int | None = None,
         timeout: float = 3.0,
+        clock: str = "own",
         memory_mb: int = 1024,
         max_processes: int = 128,
         max_file_mb: int = 16,
@@ -231,15 +236,20 @@ class Sandbox:
         uid_base: int = DEFAULT_UID_BASE,
         start_timeout: float = 60.0,
     ) -> None:
+        if clock not in ("own", "wall"):
+            raise ValueError(f"clock must be 'own' or 'wall', not {clock!r}")
         cap = memory_cap(memory_mb)
         self.workers = max(1, min(int(workers or default_workers()), cap))
-        self.max_workers = max(self.workers, min(int(max_workers or 4 * self.workers), cap))
+        # On the wall clock every program in flight shares the CPUs against its own deadline: no more
+        # than two per worker then (the reference harness's 4 threads on 2 CPUs).
+        self.max_workers = max(self.workers, min(int(max_workers or (4 if clock == "own" else 2) * self.workers), cap))
         self.timeout = float(timeout)
         self._root = tempfile.mkdtemp(prefix="codegen-sandbox-")
         os.chmod(self._root, 0o755)  # the unprivileged program user must be able to pass through
         self._config = {
             "namespaces": bool(namespaces),
             "seccomp": bool(syscall_filter),
+            "clock": clock,
             "preload": list(preload),
             "limits": {
                 "memory_mb": int(memory_mb),

@@ -346,6 +346,7 @@ class _Zygote:
         self.ipc_per_program = False
         self.seccomp: Any = None
         self.use_seccomp: bool = config.get("seccomp", True)
+        self.own_clock: bool = config.get("clock", "own") == "own"
         self.isolation: dict[str, str] = {}
         self.report_fd = self.limits["max_open_files"]  # above RLIMIT_NOFILE: the program cannot dup2 over it
         self.runner = _ProgramRunner(self.report_fd)
@@ -388,6 +389,11 @@ class _Zygote:
             self._prepare_seccomp()
         else:
             self.isolation["syscalls"] = "no seccomp filter (disabled)"
+        if self.pid_namespace and self.seccomp is None:
+            # Without the filter programs can make SysV objects and POSIX queues: then each program
+            # gets an IPC namespace of its own, and they die with it (the filter makes that ~1 ms moot).
+            self.ipc_per_program = True
+            self.isolation["ipc"] = "IPC namespace per program (SysV objects and POSIX queues die with it)"
         if self.libc is not None:
             # Every thread would get a malloc arena of its own, each reserving 64 MiB of address space:
             # 17 threads would exhaust the 1 GiB limit. Two arenas serve any number of threads.
@@ -467,8 +473,7 @@ class _Zygote:
         self.isolation["namespaces"] = "user, " * self.user_namespace + "mount, network, PID, IPC"
         self.isolation["network"] = "network namespace without interfaces (no network, loopback included)"
         self.isolation["processes"] = "PID namespace per worker; every process killed after each program"
-        self.isolation["ipc"] = "IPC namespace per program (SysV and POSIX queues die with it)"
-        self.ipc_per_program = True
+        self.isolation["ipc"] = "IPC namespace per worker, none of the host's objects reachable"
         try:
             self._setup_mounts()
         except OSError as exc:
@@ -677,7 +682,7 @@ class _Zygote:
                         os.setpriority(os.PRIO_PGRP, pid, 10)
                     send_message(self.channel_out, {"kind": "long"})
                 if now >= deadline:
-                    waited = _cpu_wait(pid)
+                    waited = _cpu_wait(pid) if self.own_clock else 0.0
                     if now - start - waited >= timeout:
                         timed_out = True
                         break
@@ -1024,7 +1029,7 @@ class _ProgramRunner:
         module.__builtins__ = self.builtins  # type: ignore[attr-defined]
         sys.modules[PROGRAM_MODULE] = module
         self.linecache.cache["<program>"] = (len(code), None, code.splitlines(True), "<program>")
-        reserve = bytearray(1 << 20)  # freed on failure, so describing a MemoryError has room to work
+        reserve = bytes(1 << 20)  # freed on failure, so describing a MemoryError has room (calloc: no page touched)
         try:
             exec(compile(code, "<program>", "exec"), module.__dict__)
         except BaseException as exc:
