@@ -202,7 +202,8 @@ MTPB_ROWS = [
     {"id": "4", "name": "print then crash", "category": "string", "prompts": ["Print {v}.", "Crash."],
      "inputs": [{"v": 7}], "outputs": [7]},
     {"id": "1", "name": "duplicate", "category": "math", "prompts": ["x"], "inputs": [{}], "outputs": [1]},
-    {"id": "5", "name": "too many outputs", "category": "math", "prompts": ["x"], "inputs": [{}], "outputs": [1, 2]},
+    {"id": "5", "name": "too many outputs", "category": "math", "prompts": ["Print 7."], "inputs": [{}],
+     "outputs": [7, 2]},  # scored on the one (input, output) pair, as the original zips them
     {"id": "6", "name": "malformed input", "category": "math", "prompts": ["use {a}"], "inputs": ["a=1"],
      "outputs": [1]},
     {"id": "7", "name": "missing placeholder", "category": "math", "prompts": ["use {b}"], "inputs": [{"a": 1}],
@@ -240,11 +241,12 @@ def mtpb_file(tmp_path):
 
 def test_mtpb_loading_reports_and_skips_data_faults(mtpb_file):
     data = mtpb.load_mtpb(mtpb_file)
-    assert [p.id for p in data.problems] == ["1", "2", "3", "4"]
+    assert [p.id for p in data.problems] == ["1", "2", "3", "4", "5"]
     messages = [str(i) for i in data.issues]
     assert len(messages) == 5
     assert "duplicate id" in messages[0] and "line 5" in messages[0]
-    assert "2 outputs for 1 inputs" in messages[1]
+    assert "2 outputs for 1 inputs" in messages[1] and "scored on the first 1" in messages[1]
+    assert data.problems[4].outputs == [7]
     assert "input 0 is a str" in messages[2]
     assert "KeyError" in messages[3]
     assert "not valid JSON" in messages[4]
@@ -271,11 +273,11 @@ def test_mtpb_prompt_assembly_is_the_multi_turn_protocol():
     assert single.startswith(seen[3][0])
 
 
-def test_bare_last_expression_is_printed():
-    assert mtpb.print_last_expression("x = 1\nx + 1\n") == "x = 1\nprint(x + 1)\n"
-    assert mtpb.print_last_expression("x = 1\nprint(x)\n") == "x = 1\nprint(x)\n"
-    assert mtpb.print_last_expression("def f(:\n") == "def f(:\n"
-    assert mtpb.print_last_expression("a = [1,\n 2]\na[\n 0]") == "a = [1,\n 2]\nprint(a[\n 0])"
+def test_bare_last_expression_is_printed():  # the original unparses the rewritten tree (more: test_mtpb_scoring)
+    assert mtpb.print_last_statement("x = 1\nx + 1\n") == "x = 1\nprint(x + 1)"
+    assert mtpb.print_last_statement("x = 1\nprint(x)\n") == "x = 1\nprint(x)\n"
+    assert mtpb.print_last_statement("def f(:\n") == "def f(:\n"
+    assert mtpb.print_last_statement("a = [1,\n 2]\na[\n 0]") == "a = [1, 2]\nprint(a[0])"
 
 
 def test_comparison_rules():
@@ -283,20 +285,21 @@ def test_comparison_rules():
     assert not mtpb.matches(1.34, 1.3333333333)
     assert mtpb.matches("6", 6) and mtpb.matches(6, "6")
     assert mtpb.matches((1, 2), [1, 2])
-    assert mtpb.matches([1.0000000001, 2], [1.0, 2])
+    assert not mtpb.matches([1.0000000001, 2], [1.0, 2])  # lists: plain ==, as in the original
     assert not mtpb.matches([1, 2], [1, 2, 3])
-    assert mtpb.matches({"a": 1.0}, {"a": 1.0000000001})
+    assert not mtpb.matches({"a": 1.0}, {"a": 1.0})  # the original never accepts an expected dict
     assert not mtpb.matches(None, 0) and not mtpb.matches("x", 3)
 
 
 def test_mtpb_scoring_end_to_end(mtpb_file, tmp_path):
     data = mtpb.load_mtpb(mtpb_file)
     summary = mtpb.evaluate_mtpb(data, perfect, tmp_path, samples=2, progress=False)
-    assert summary["runs"] == 2 * (2 + 2 + 1 + 1)
+    assert summary["runs"] == 2 * (2 + 2 + 1 + 1 + 1)
     assert summary["per_problem"]["1"]["pass_rate"] == 1.0  # a list, a comment cut by truncation
     assert summary["per_problem"]["2"]["pass_rate"] == 1.0  # numpy float64, float tolerance
     assert summary["per_problem"]["3"]["pass_rate"] == 1.0  # bare last expression
     assert summary["per_problem"]["4"]["pass_rate"] == 1.0  # printed the answer, then raised
+    assert summary["per_problem"]["5"]["pass_rate"] == 1.0  # 2 outputs for 1 input: the pair is scored
     assert summary["pass_rate"] == 1.0
     assert set(summary["per_category"]) == {"math", "numpy", "string"}
     assert len(summary["data_issues"]) == 5

@@ -105,7 +105,8 @@ def test_host_segments_cannot_be_reached(box, unfiltered):
 
 def test_posix_queues_and_keyrings(box, unfiltered):
     needs(box, "syscalls", "seccomp")
-    mq_open = f"import ctypes\nrt = ctypes.CDLL('librt.so.1', use_errno=True)\nq = rt.mq_open(b'/sbx-queue', {os.O_CREAT | os.O_RDWR}, 0o666, None)\n"
+    mq_open = (f"import ctypes\nrt = ctypes.CDLL('librt.so.1', use_errno=True)\n"
+               f"q = rt.mq_open(b'/sbx-queue', {os.O_CREAT | os.O_RDWR}, 0o666, None)\n")
     result = box.run(mq_open + "__sandbox_report__([q, ctypes.get_errno()])")
     assert result.report == [-1, 1], result
     made = unfiltered.run(mq_open + "__sandbox_report__(q)")
@@ -147,7 +148,8 @@ def test_unix_sockets_of_the_host_are_unreachable(box, unfiltered, unix_servers)
     needs(box, "syscalls", "seccomp")
     real = "[c for c in object.__subclasses__() if c.__module__ == '_socket' and c.__name__ == 'socket'][0]"
     for address, server in unix_servers:
-        attack = f"s = {real}(1, 1)\ns.connect({address!r})\ns.sendall(b'hello')\n__sandbox_report__(s.recv(10).decode())"
+        attack = (f"s = {real}(1, 1)\ns.connect({address!r})\ns.sendall(b'hello')\n"
+                  "__sandbox_report__(s.recv(10).decode())")
         result = box.run(attack)
         assert not result.passed and "Operation not permitted" in result.reason, result
         if address.startswith("\0"):  # the network namespace alone also separates abstract sockets
@@ -274,7 +276,8 @@ def test_seccomp_refuses_the_ways_out(box):
 
 
 def test_syscall_numbers_match_the_kernel_headers():
-    headers = {"x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h", "generic": "/usr/include/asm-generic/unistd.h"}
+    headers = {"x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+               "generic": "/usr/include/asm-generic/unistd.h"}
     if not all(os.path.exists(p) for p in headers.values()):
         pytest.skip("kernel headers (linux-libc-dev) not installed")
     for arch, path in headers.items():

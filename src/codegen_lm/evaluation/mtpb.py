@@ -2,19 +2,52 @@
 
 A problem is a list of natural-language turns (`str.format` templates filled from each test case's
 inputs). Multi-turn: the model writes code for turn 1, its code stays in the context, then turn 2 is
-appended, and so on; the last turn asks for a value to be printed. The assembled program is executed
-and the first argument of its last `print` call is compared with the expected output.
-Single-turn (`single_turn=True`): all turns go into one prompt, answered by one completion.
+appended, and so on; the last turn asks for a value to be printed. Single-turn (`single_turn=True`,
+the paper's ablation): all turns go into one prompt, answered by one completion, which is cut by a
+whole-program rule (`truncate_program`), not by the per-turn rule.
 
-Data faults (duplicate ids, more outputs than inputs, malformed inputs, templates that do not fill)
-are reported as `DataIssue`s and the problem is skipped; they never stop an evaluation.
+Scoring follows CodeGen's own scorer (`codegen1/benchmark/mtpb_exec.py`) program by program. Each
+program runs in its own sandboxed process, which scores itself as `eval_problem` does and reports
+the verdict:
+
+* its guard (`executor.MTPB_DISABLED`: builtins exit/quit, the destructive os/shutil/subprocess
+  functions set to None, ipdb/joblib/resource/tkinter unimportable, OMP_NUM_THREADS=1) and its
+  recursion limit (1000, with the original's headroom above the program's frame);
+* `print_last_statement` (the scorer's rewrite_ast_with_print): the last statement's `.value`,
+  whatever the statement (an expression, an assignment...), is wrapped in `print(...)` and the tree
+  unparsed with `ast.unparse`, unless that value is a call of a name starting with `print`; code
+  that does not parse, is empty, or ends in a statement without a `.value` is run unchanged;
+* `exec` with globals {`__name__`: "__main__", `print_stack`, `builtins`, `print`}: only the
+  program's own `print` calls are recorded (library code, and `builtins.print`, are not), and the
+  prediction is the first argument of the last recorded call, as a live object (a final `print()`,
+  or no print at all, fails);
+* a 20 s timer (SIGALRM) raises inside the program, and, like any exception the program raises, it
+  ends the program but not the scoring: printing the right value and then raising or hanging passes;
+* `matches` (the scorer's check_equivalence) on the live object against the expected value (JSON):
+  pandas Series, lists of tuples and the listed numpy scalar types and ndarrays made plain, then a
+  cast to the expected type on a type mismatch (booleans compared as strings), `==` for str, int,
+  set, list, bool and tuple (lists with no tolerance), |a - b| < 1e-6 for floats, np.allclose for
+  arrays; anything else -- an expected None or dict, or a cast that raises -- fails.
+
+Deliberate departures, where the original is plainly broken: a `SystemExit` (or other BaseException)
+from the program ends the original scorer itself; here the program is judged on what it printed
+before, like any other exception. The sandbox kills a program 2 s after the timer if it does not stop
+(the original would wait forever), and programs run in separate processes (the original runs them
+one after another in one process, so one program's leftovers could affect the next). A prompt that
+does not fit the model's context fails that program (recorded in `error`) instead of aborting the run.
+
+Data faults (duplicate ids, malformed inputs, templates that do not fill or whose format specs ask for
+huge widths) are reported as `DataIssue`s and the problem is skipped. A problem whose outputs and
+inputs differ in number is reported and scored on the pairs, as the original pairs them (zip).
 """
 
 from __future__ import annotations
 
-import ast
+import functools
+import inspect
 import json
-import math
+import re
+import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +58,11 @@ from ..tokenizer.truncate import DEFAULT_TRUNCATE_PATTERNS, truncate_before_patt
 HEADER = "# Import libraries.\n\nimport numpy as np\n\n"
 DEFAULT_MAX_GEN_LENGTH = 256
 FLOAT_TOLERANCE = 1e-6
+DEFAULT_TIMEOUT = 20.0  # seconds per program, as in the original scorer
+KILL_MARGIN = 2.0  # the sandbox kills a program this long after its in-program timer has gone off
+MAX_FORMAT_NUMBER = 10_000  # a larger width or precision in a template's format spec is a data fault
+ORIGINAL_RECURSION_LIMIT = 1000  # Python's default, which the original scorer runs with
+ORIGINAL_PROGRAM_DEPTH = 6  # frames on the original scorer's stack when the program's code runs
 
 
 @dataclass
@@ -48,10 +86,11 @@ class DataIssue:
     line: int
     problem_id: str | None
     message: str
+    action: str = "skipped"  # what was done about it
 
     def __str__(self) -> str:
         where = f"line {self.line}" + (f" (problem {self.problem_id})" if self.problem_id is not None else "")
-        return f"{where}: {self.message}; skipped"
+        return f"{where}: {self.message}; {self.action}"
 
 
 @dataclass
@@ -77,51 +116,90 @@ def load_mtpb(path: str | Path) -> Dataset:
         except json.JSONDecodeError as exc:
             data.issues.append(DataIssue(number, None, f"not valid JSON ({exc.msg})"))
             continue
-        problem, issue = _parse_problem(row, number)
-        if issue is not None:
-            data.issues.append(issue)
-            continue
-        if problem.id in seen:
+        problem, issues = _parse_problem(row, number)
+        if problem is not None and problem.id in seen:
             data.issues.append(DataIssue(number, problem.id, f"duplicate id (first on line {seen[problem.id]})"))
+            continue
+        data.issues += issues
+        if problem is None:
             continue
         seen[problem.id] = number
         data.problems.append(problem)
     return data
 
 
-def _parse_problem(row: Any, line: int) -> tuple[Problem | None, DataIssue | None]:
+def _parse_problem(row: Any, line: int) -> tuple[Problem | None, list[DataIssue]]:
+    """The problem of one row (None if it cannot be scored) and what is wrong with the row."""
     if not isinstance(row, dict):
-        return None, DataIssue(line, None, f"expected a JSON object, got {type(row).__name__}")
+        return None, [DataIssue(line, None, f"expected a JSON object, got {type(row).__name__}")]
     pid = row.get("id")
     if pid is None:
-        return None, DataIssue(line, None, "no 'id'")
+        return None, [DataIssue(line, None, "no 'id'")]
     pid = str(pid)
+    notes: list[DataIssue] = []
 
-    def bad(message: str) -> tuple[None, DataIssue]:
-        return None, DataIssue(line, pid, message)
+    def bad(message: str) -> tuple[None, list[DataIssue]]:
+        return None, [*notes, DataIssue(line, pid, message)]
 
     prompts, inputs, outputs = row.get("prompts"), row.get("inputs"), row.get("outputs")
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         return bad("'prompts' must be a non-empty list of strings")
     if not isinstance(inputs, list) or not inputs:
         return bad("'inputs' must be a non-empty list")
-    if not isinstance(outputs, list):
-        return bad("'outputs' must be a list")
-    if len(outputs) != len(inputs):
-        return bad(f"{len(outputs)} outputs for {len(inputs)} inputs")
+    if not isinstance(outputs, list) or not outputs:
+        return bad("'outputs' must be a non-empty list")
+    cases = min(len(inputs), len(outputs))
+    if len(outputs) != len(inputs):  # the original's sampler zips them: the extra ones are never used
+        notes.append(DataIssue(line, pid, f"{len(outputs)} outputs for {len(inputs)} inputs",
+                               f"scored on the first {cases} (input, output) pairs, as the original pairs them"))
+        inputs, outputs = inputs[:cases], outputs[:cases]
     for case, values in enumerate(inputs):
         if not isinstance(values, dict):
             return bad(f"input {case} is a {type(values).__name__}, not an object of template values")
         for turn, template in enumerate(prompts):
-            try:
-                template.format(**values)
-            except (KeyError, IndexError, ValueError) as exc:
-                return bad(f"turn {turn + 1} does not fill with input {case} ({type(exc).__name__}: {exc})")
+            fault = template_fault(template, values)
+            if fault is not None:
+                return bad(f"turn {turn + 1} does not fill with input {case} ({fault})")
     max_len = row.get("max_gen_length", DEFAULT_MAX_GEN_LENGTH)
     if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1:
         return bad(f"'max_gen_length' must be a positive integer, got {max_len!r}")
     return Problem(pid, str(row.get("name", pid)), str(row.get("category", "unknown")), prompts, inputs, outputs,
-                   max_len, str(row.get("description", ""))), None
+                   max_len, str(row.get("description", ""))), notes
+
+
+def template_fault(template: str, values: dict[str, Any]) -> str | None:
+    """Why `template.format(**values)` (what the original fills turns with) fails, or None if it fills.
+
+    Format specs are checked before formatting, so a width like `{a:>900000000}` is reported rather
+    than run out of memory; a field that does not resolve (`{a.x}`, `{a[0]}` on a number) is reported.
+    Whatever str.format fills (`{a[0]}` on a list) is accepted, as the original accepts it."""
+    try:
+        _check_format_specs(template, values, 0)
+        template.format(**values)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, OverflowError, RecursionError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _check_format_specs(template: str, values: dict[str, Any], depth: int) -> None:
+    if depth > 1:
+        raise ValueError("Max string recursion exceeded")  # str.format's own limit
+    for _literal, name, spec, _conversion in string.Formatter().parse(template):
+        if name is None or not spec:
+            continue
+        if "{" in spec:  # nested fields: check them, then the spec they make
+            _check_format_specs(spec, values, depth + 1)
+            spec = spec.format(**values)
+        big = next((n for n in re.findall(r"\d+", spec) if len(n) > 9 or int(n) > MAX_FORMAT_NUMBER), None)
+        if big is not None:
+            raise ValueError(f"format spec {spec[:40]!r} of field {{{name}}} asks for {big[:20]} characters "
+                             f"(more than {MAX_FORMAT_NUMBER})")
+
+
+# ---- truncation -----------------------------------------------------------------------------------
+
+# Where a single-turn completion stops being the program: markers after which nothing belongs to it.
+PROGRAM_END_PATTERNS = (re.escape("<|endoftext|>"), r"^# Import libraries", "^'''", '^"""', "\n\n\n\n")
 
 
 def truncate_turn(completion: str) -> str:
@@ -129,126 +207,21 @@ def truncate_turn(completion: str) -> str:
     return truncate_before_pattern(completion, DEFAULT_TRUNCATE_PATTERNS)
 
 
-def assemble(turns: Sequence[str], complete: Callable[[str, int], str], max_new_tokens: int,
-             single_turn: bool = False) -> str:
-    """The program for one test case: each turn as a comment, each followed by the model's code.
-
-    complete(prompt, max_new_tokens) -> completion text (or complete(prompt) -> completion text).
-    Single-turn: all turns as comments, then one completion of max_new_tokens x turns tokens."""
-    return assemble_samples(turns, complete, max_new_tokens, 1, single_turn)[0]
-
-
-def print_last_expression(program: str) -> str:
-    """If the program's last statement is a bare expression, print it (as a notebook would show it).
-    A program that does not parse is returned unchanged (running it reports the syntax error)."""
-    try:
-        tree = ast.parse(program)
-    except (SyntaxError, ValueError):
-        return program
-    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
-        return program
-    last = tree.body[-1]
-    if isinstance(last.value, ast.Call) and isinstance(last.value.func, ast.Name) and last.value.func.id == "print":
-        return program
-    lines = program.splitlines(keepends=True)
-    start, end = last.lineno - 1, last.end_lineno
-    head = "".join(lines[:start]) + lines[start][: last.col_offset]
-    expression = ast.get_source_segment(program, last.value)
-    tail = lines[end - 1][last.end_col_offset :] + "".join(lines[end:])
-    return f"{head}print({expression}){tail}"
+def truncate_program(completion: str) -> str:
+    """Where a single-turn completion, a whole program, ends: at the end-of-text token, a new MTPB header
+    (`# Import libraries`), a line-initial docstring quote (a new file), or three blank lines (one more
+    than PEP 8 puts between top-level definitions). Comments, further `def`s and prints, and `__main__`
+    blocks (which the scorer runs) are part of a whole program, so the per-turn cuts do not apply."""
+    cuts = [m.start() for m in (re.search(p, completion, re.MULTILINE) for p in PROGRAM_END_PATTERNS) if m]
+    return completion[: min(cuts)] if cuts else completion
 
 
-# The probe runs inside the sandboxed process: it records the first argument of every print call and,
-# when the program ends (normally or not), reports the last one as a Python literal.
-PROBE = '''
-import builtins as _probe_builtins
-_probe_real_print = _probe_builtins.print
-_probe_last = []
-
-def _probe_plain(value, depth=0):
-    if depth > 20:
-        return value
-    kind = type(value).__module__
-    if kind.startswith(("numpy", "pandas")):
-        for method in ("tolist", "item"):
-            if hasattr(value, method):
-                try:
-                    return _probe_plain(getattr(value, method)(), depth + 1)
-                except Exception:
-                    pass
-    if isinstance(value, (list, tuple, set)):
-        return type(value)(_probe_plain(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return {_probe_plain(k, depth + 1): _probe_plain(v, depth + 1) for k, v in value.items()}
-    return value
-
-def _probe_print(*args, **kwargs):
-    if args:
-        _probe_last[:] = [args[0]]
-    return _probe_real_print(*args, **kwargs)
-
-_probe_builtins.print = _probe_print
-
-def _probe_report():
-    if _probe_last:
-        value = _probe_plain(_probe_last[0])
-        try:
-            text = repr(value)
-            import ast as _probe_ast
-            _probe_ast.literal_eval(text)
-            kind = "literal"
-        except Exception:
-            text, kind = str(value), "text"
-        __sandbox_report__({"kind": kind, "value": text})
-'''
+# ---- completions and assembly ---------------------------------------------------------------------
 
 
-def probe_program(program: str) -> str:
-    """`program` wrapped so that the sandbox reports the first argument of its last print call."""
-    body = print_last_expression(program)
-    return (PROBE + "try:\n    exec(compile(" + repr(body) + ", '<program>', 'exec'), {'__name__': '__main__'})\n"
-            "finally:\n    _probe_report()\n")
-
-
-def decode_prediction(report: dict | None) -> tuple[bool, Any]:
-    """(whether anything was printed, the printed value) from the probe's report."""
-    if not report:
-        return False, None
-    if report.get("kind") == "literal":
-        try:
-            return True, ast.literal_eval(report["value"])
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            pass
-    return True, report.get("value")
-
-
-def matches(predicted: Any, expected: Any) -> bool:
-    """The scorer's comparison: cast the prediction to the expected type on a mismatch (as the original
-    scorer does, so an expected 2 accepts 2.7 cast to int), floats equal within FLOAT_TOLERANCE,
-    containers compared element by element."""
-    if isinstance(expected, bool) or expected is None:
-        return predicted == expected
-    if isinstance(expected, float):
-        try:
-            a, b = float(predicted), float(expected)
-        except (TypeError, ValueError, OverflowError):
-            return False
-        return a == b or abs(a - b) <= FLOAT_TOLERANCE or (math.isnan(a) and math.isnan(b))
-    if type(predicted) is not type(expected):
-        try:
-            predicted = type(expected)(predicted)
-        except Exception:
-            return False
-    if isinstance(expected, (list, tuple)):
-        return len(predicted) == len(expected) and all(matches(p, e) for p, e in zip(predicted, expected))
-    if isinstance(expected, dict):
-        return predicted.keys() == expected.keys() and all(matches(predicted[k], expected[k]) for k in expected)
-    return predicted == expected
-
-
-# ---- the evaluation loop --------------------------------------------------------------------------
-
-DEFAULT_TIMEOUT = 20.0  # seconds per program, as in the original scorer
+class PromptTooLong(ValueError):
+    """A prompt that does not fit the model's context. Raised by (or returned in place of a completion
+    from) a completion function; that sample's program fails and the evaluation goes on."""
 
 
 class EngineTurns:
@@ -259,7 +232,8 @@ class EngineTurns:
         self.engine, self.temperature, self.top_p, self.seed = engine, temperature, top_p, seed
         self._calls = 0
 
-    def complete_many(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+    def complete_many(self, prompts: Sequence[str], max_new_tokens: int) -> list[str | PromptTooLong]:
+        """One completion per prompt; a prompt the engine refuses for its length gets a PromptTooLong."""
         from ..engine import GenerationParams
 
         self._calls += 1
@@ -267,55 +241,371 @@ class EngineTurns:
         for i, p in enumerate(prompts):
             groups.setdefault(p, []).append(i)
         handles = []
+        out: list[str | PromptTooLong] = [""] * len(prompts)
         for j, (prompt, rows) in enumerate(groups.items()):
             params = GenerationParams(n=len(rows), max_new_tokens=max_new_tokens, temperature=self.temperature,
                                       top_p=self.top_p, seed=(self.seed * 1_000_003 + self._calls * 7919 + j) % 2**31)
-            handles.append((rows, self.engine.submit(prompt, params)))
-        out = [""] * len(prompts)
+            try:
+                handles.append((rows, self.engine.submit(prompt, params)))
+            except ValueError as exc:  # the engine checks a prompt's length when it is submitted
+                if not self._too_long(prompt):
+                    raise
+                for row in rows:
+                    out[row] = PromptTooLong(str(exc))
         for rows, handle in handles:
             for row, sample in zip(rows, handle.result().outputs):
                 out[row] = sample.text
         return out
 
+    def _too_long(self, prompt: str) -> bool:
+        tokenizer, limit = getattr(self.engine, "tokenizer", None), getattr(self.engine, "max_seq_len", None)
+        return tokenizer is not None and limit is not None and len(tokenizer.encode(prompt)) >= limit
+
     def __call__(self, prompt: str, max_new_tokens: int) -> str:
-        return self.complete_many([prompt], max_new_tokens)[0]
+        result = self.complete_many([prompt], max_new_tokens)[0]
+        if isinstance(result, PromptTooLong):
+            raise result
+        return result
 
 
-def _complete_many(complete, prompts: list[str], max_new_tokens: int) -> list[str]:
+def _complete_many(complete, prompts: list[str], max_new_tokens: int) -> list[str | PromptTooLong]:
     """complete: an object with complete_many(prompts, max_new_tokens), a function (prompt,
     max_new_tokens) -> completion, or a plain function prompt -> completion."""
     if hasattr(complete, "complete_many"):
-        return complete.complete_many(prompts, max_new_tokens)
-    if _takes_one_argument(complete):
-        return [complete(p) for p in prompts]
-    return [complete(p, max_new_tokens) for p in prompts]
+        return list(complete.complete_many(prompts, max_new_tokens))
+    call = _caller(complete)
+    out: list[str | PromptTooLong] = []
+    for p in prompts:
+        try:
+            out.append(call(p, max_new_tokens))
+        except PromptTooLong as exc:
+            out.append(exc)
+    return out
 
 
-def _takes_one_argument(fn) -> bool:
-    import inspect
-
+def _caller(fn) -> Callable[[str, int], str]:
+    """How fn gets its token budget: by keyword to a parameter named max_new_tokens; else positionally
+    when it has a second positional parameter (with or without a default) or *args; else not at all."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
-        return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty]
-    return len(positional) == 1 and not any(p.kind == p.VAR_POSITIONAL for p in params)
+        return lambda prompt, n: fn(prompt, n)
+    kinds = {p.kind for p in params}
+    if any(p.name == "max_new_tokens" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params):
+        return lambda prompt, n: fn(prompt, max_new_tokens=n)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 or inspect.Parameter.VAR_POSITIONAL in kinds:
+        return lambda prompt, n: fn(prompt, n)
+    return lambda prompt, n: fn(prompt)
+
+
+@dataclass
+class Assembled:
+    """One sample's program, or (error set) why it could not be assembled."""
+
+    program: str
+    error: str | None = None
+
+
+def assemble_case(turns: Sequence[str], complete, max_new_tokens: int, samples: int,
+                  single_turn: bool = False) -> list[Assembled]:
+    """`samples` programs for one test case, all turns of all samples advanced together (so an engine
+    decodes the samples as one batch). A sample whose prompt outgrows the model's context stops there,
+    with the reason in `error`; the others go on."""
+    if single_turn:
+        prompt = HEADER + "".join(f"# {turn}\n" for turn in turns)
+        outs = _complete_many(complete, [prompt] * samples, max_new_tokens * len(turns))
+        return [Assembled(prompt, f"prompt too long: {o}") if isinstance(o, PromptTooLong)
+                else Assembled(prompt + truncate_program(o) + "\n\n") for o in outs]
+    runs = [Assembled(HEADER) for _ in range(samples)]
+    for number, turn in enumerate(turns, 1):
+        live = [r for r in runs if r.error is None]
+        if not live:
+            break
+        for r in live:
+            r.program += f"# {turn}\n"
+        outs = _complete_many(complete, [r.program for r in live], max_new_tokens)
+        for r, o in zip(live, outs):
+            if isinstance(o, PromptTooLong):
+                r.error = f"prompt too long at turn {number}: {o}"
+            else:
+                r.program += truncate_turn(o) + "\n\n"
+    return runs
 
 
 def assemble_samples(turns: Sequence[str], complete, max_new_tokens: int, samples: int,
                      single_turn: bool = False) -> list[str]:
-    """`samples` programs for one test case, all turns of all samples advanced together (so an engine
-    decodes the samples as one batch)."""
-    histories = [HEADER] * samples
-    if single_turn:
-        prompt = HEADER + "".join(f"# {turn}\n" for turn in turns)
-        outs = _complete_many(complete, [prompt] * samples, max_new_tokens * len(turns))
-        return [prompt + truncate_turn(o) + "\n\n" for o in outs]
-    for turn in turns:
-        histories = [h + f"# {turn}\n" for h in histories]
-        outs = _complete_many(complete, histories, max_new_tokens)
-        histories = [h + truncate_turn(o) + "\n\n" for h, o in zip(histories, outs)]
-    return histories
+    """The programs of `assemble_case`; raises PromptTooLong if a sample's prompt outgrew the context."""
+    runs = assemble_case(turns, complete, max_new_tokens, samples, single_turn)
+    failed = next((r.error for r in runs if r.error is not None), None)
+    if failed is not None:
+        raise PromptTooLong(failed)
+    return [r.program for r in runs]
+
+
+def assemble(turns: Sequence[str], complete: Callable[..., str], max_new_tokens: int,
+             single_turn: bool = False) -> str:
+    """The program for one test case: each turn as a comment, each followed by the model's code.
+
+    complete(prompt, max_new_tokens) -> completion text (or complete(prompt) -> completion text).
+    Single-turn: all turns as comments, then one completion of max_new_tokens x turns tokens."""
+    return assemble_samples(turns, complete, max_new_tokens, 1, single_turn)[0]
+
+
+def assemble_runs(data: Dataset, complete, samples: int, single_turn: bool = False,
+                  progress: bool = True) -> list[dict]:
+    """Step 1 of an evaluation: one run dict per (problem, test case, sample), with its program and
+    `assembled` (False, with the reason in `error`, where the prompt outgrew the model's context).
+    Runs can be scored separately (`score_runs`), in any grouping."""
+    from tqdm import tqdm
+
+    runs = []
+    with tqdm(total=sum(len(p.inputs) for p in data.problems), desc="assembling", unit="test case",
+              disable=not progress) as bar:
+        for problem in data.problems:
+            for case in range(len(problem.inputs)):
+                for s, built in enumerate(assemble_case(problem.turns(case), complete, problem.max_gen_length,
+                                                        samples, single_turn)):
+                    run = {"problem": problem.id, "category": problem.category, "case": case, "sample": s,
+                           "program": built.program, "expected": problem.outputs[case],
+                           "assembled": built.error is None}
+                    if built.error is not None:
+                        run["error"] = built.error
+                    runs.append(run)
+                bar.update(1)
+    return runs
+
+
+# ---- scoring: these functions also run inside each program's sandboxed process ---------------------
+# (probe_program embeds their source, so they use only the standard library, numpy if importable, and
+# one another, and annotate with builtins only.)
+
+
+def print_last_statement(code: str) -> str:
+    """The program as the original scorer runs it (its rewrite_ast_with_print): unless the last statement's
+    value is a call of a name starting with `print` (print, printf, print_result...), that value is wrapped
+    in print(...) and the tree unparsed; unchanged if that fails (no parse, no statement, no `.value`)."""
+    import ast
+
+    try:
+        tree = ast.parse(code)
+        last = tree.body[-1]
+        try:
+            if last.value.func.id.startswith("print"):
+                return code
+        except Exception:
+            pass
+        last.value = ast.Call(func=ast.Name(id="print", ctx=ast.Load()), args=[last.value], keywords=[])
+        ast.fix_missing_locations(last)
+        return ast.unparse(tree)
+    except Exception:
+        return code
+
+
+def _equivalent(predicted: object, expected: object) -> bool:
+    """The original's check_equivalence, step by step; raises where it raises (a failure)."""
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    p, e = predicted, expected
+    if str(type(p)) == "<class 'pandas.core.series.Series'>":
+        p, e = p.to_numpy(), np.array(e)
+    elif type(p) is list:
+        if len(p) > 0 and type(p[0]) is tuple:
+            p = [list(item) for item in p]
+    elif np is not None and type(p) in (np.uint8, np.int16, np.int32, np.int64):
+        p = int(p)
+    elif np is not None and type(p) in (np.float16, np.float32, np.float64):
+        p = float(p)
+    elif np is not None and type(p) is np.bool_:
+        p = bool(p)
+    elif np is not None and type(p) is np.ndarray:
+        p = p.tolist()
+    if type(p) is not type(e):
+        if type(e) is bool:  # bool("False") is True: compare as text
+            p, e = str(p), str(e)
+        else:
+            p = type(e)(p)
+    kind = type(p)
+    if kind in (str, int, set, list, bool, tuple):
+        return p == e
+    if kind is float:
+        return abs(p - e) < FLOAT_TOLERANCE
+    if np is not None and kind is np.ndarray:
+        return np.allclose(p, e)
+    raise ValueError(f"unsupported type {kind.__name__}")
+
+
+def matches(predicted: object, expected: object) -> bool:
+    """Whether the original scorer counts `predicted` (the live printed object) as `expected` (JSON data).
+    See the module docstring for the rules; an expected None or dict never matches."""
+    try:
+        return bool(_equivalent(predicted, expected))
+    except Exception:
+        return False
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception in a few words."""
+    try:
+        if isinstance(exc, SystemExit):
+            return f"sys.exit({exc.code!r})"
+        message = str(exc)
+    except BaseException:
+        message = ""
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return text if len(text) <= 1000 else text[:1000] + "..."
+
+
+def _printable(value: object, limit: int = 1000) -> str:
+    """A bounded repr of the prediction, for results.jsonl."""
+    import reprlib
+
+    shorten = reprlib.Repr()
+    shorten.maxlevel, shorten.maxstring, shorten.maxother, shorten.maxlong = 6, limit, limit, limit
+    for name in ("maxtuple", "maxlist", "maxarray", "maxdict", "maxset", "maxfrozenset", "maxdeque"):
+        setattr(shorten, name, 100)
+    try:
+        text = shorten.repr(value)
+    except BaseException:
+        text = f"<{type(value).__name__} object, repr failed>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _recording_print(env: dict) -> object:
+    """The program's own `print`: records each call in env['print_stack'], then prints."""
+
+    def print(*args, **kwargs):  # a global of the program, so library code's prints are not recorded
+        env["print_stack"].append({"args": args, "kwargs": kwargs})
+        return env["builtins"].print(*args, **kwargs)
+
+    return print
+
+
+def _run_case(code: str, expected_json: str, timeout: float, report: object) -> None:
+    """In the program's process: run and score it as the original's eval_problem does; report the verdict
+    (passed, predicted: a printable form, error: what the program raised, failure: why it failed)."""
+    import builtins
+    import json
+    import signal
+    import sys
+
+    setitimer, real_time, set_limit = signal.setitimer, signal.ITIMER_REAL, sys.setrecursionlimit
+    sandbox_limit = sys.getrecursionlimit()
+
+    class TimeoutException(Exception):
+        pass
+
+    def alarm(signum: int, frame: object) -> None:
+        raise TimeoutException("Timed out!")
+
+    depth, frame = 0, sys._getframe()
+    while frame is not None:
+        depth, frame = depth + 1, frame.f_back
+    expected = json.loads(expected_json)
+    env = {"print_stack": [], "__name__": "__main__", "builtins": builtins}
+    env["print"] = _recording_print(env)
+    verdict = {"passed": False, "predicted": None, "error": None, "failure": None}
+    value, printed = None, False
+    signal.signal(signal.SIGALRM, alarm)
+    setitimer(real_time, timeout)
+    try:
+        # the program's frame sits one below this one; give it the original's headroom below its limit
+        set_limit(max(ORIGINAL_RECURSION_LIMIT + depth + 1 - ORIGINAL_PROGRAM_DEPTH, 100))
+        program = print_last_statement(code)
+        try:
+            exec(program, env)
+        except BaseException as exc:  # the original catches Exception; SystemExit and the like too, here
+            verdict["error"] = f"timed out after {timeout:g} s" if isinstance(exc, TimeoutException) \
+                else _describe(exc)
+        try:
+            value, printed = env["print_stack"][-1]["args"][0], True
+        except TimeoutException:
+            raise
+        except Exception:
+            stack = env.get("print_stack")
+            if isinstance(stack, list) and not stack:
+                verdict["failure"] = "printed nothing"
+            elif isinstance(stack, list) and isinstance(stack[-1], dict) and stack[-1].get("args") == ():
+                verdict["failure"] = "the last print() has no arguments"
+            else:
+                verdict["failure"] = "print_stack was changed by the program"
+        if printed:
+            try:
+                verdict["passed"] = bool(_equivalent(value, expected))
+                if not verdict["passed"]:
+                    verdict["failure"] = "not equal to the expected output"
+            except TimeoutException:
+                verdict["passed"], verdict["failure"] = False, "timed out while comparing"
+            except BaseException as exc:
+                verdict["failure"] = f"comparison raised {_describe(exc)}"
+    except TimeoutException:
+        verdict["passed"], verdict["failure"] = False, "timed out"
+    finally:
+        setitimer(real_time, 0)
+        set_limit(sandbox_limit)
+    if printed:
+        try:
+            setitimer(real_time, 0.5)
+            verdict["predicted"] = _printable(value)
+        except BaseException:
+            verdict["predicted"] = "<repr timed out>"
+        finally:
+            setitimer(real_time, 0)
+    report(verdict)
+
+
+_RUNTIME = (print_last_statement, _equivalent, _describe, _printable, _recording_print, _run_case)
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime_source() -> str:
+    """Module text for the program's process: the scoring functions, then the MTPB scorer's guard."""
+    from .executor import MTPB_BLOCKED_MODULES, MTPB_DISABLED, MTPB_ENVIRON
+
+    head = ("import ast, builtins, json, reprlib, signal, sys\n"
+            f"FLOAT_TOLERANCE = {FLOAT_TOLERANCE!r}\nORIGINAL_RECURSION_LIMIT = {ORIGINAL_RECURSION_LIMIT!r}\n"
+            f"ORIGINAL_PROGRAM_DEPTH = {ORIGINAL_PROGRAM_DEPTH!r}\n")
+    functions = "\n\n".join(inspect.getsource(fn) for fn in _RUNTIME)
+    guard = "import faulthandler as _mtpb_m\n_mtpb_m.disable()\nimport os as _mtpb_m\n"
+    guard += "".join(f"_mtpb_m.environ[{k!r}] = {v!r}\n" for k, v in MTPB_ENVIRON.items())
+    for module, names in MTPB_DISABLED.items():
+        guard += f"import {module} as _mtpb_m\n" + "".join(f"_mtpb_m.{name} = None\n" for name in names)
+    guard += "".join(f"sys.modules[{m!r}] = None\n" for m in MTPB_BLOCKED_MODULES)
+    return head + "\n\n" + functions + "\n\n" + guard
+
+
+def probe_program(program: str, expected: Any = None, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """`program` wrapped so that its sandboxed process scores it against `expected` (JSON data) as the
+    original scorer does, with its timer at `timeout` s, and reports the verdict (a dict: passed,
+    predicted, error, failure) through `__sandbox_report__`."""
+    return (_runtime_source() + f"_run_case({program!r}, {json.dumps(expected)!r}, {float(timeout)!r}, "
+            "__sandbox_report__)\n")
+
+
+def score_runs(runs: list[dict], timeout: float = DEFAULT_TIMEOUT, workers: int | None = None,
+               progress: bool = True) -> list[dict]:
+    """Step 2 of an evaluation: execute and score the runs of `assemble_runs` (in place; also returned).
+    Each gets passed, predicted (printable form of the last print's first argument, or None), error (what
+    the program raised, the sandbox's reason if it was killed, or why it was not assembled) and failure
+    (why it failed; None if it passed)."""
+    from .executor import run_probes
+
+    todo = [r for r in runs if r.get("assembled", True)]
+    for r in runs:
+        if not r.get("assembled", True):
+            r.update(passed=False, predicted=None, failure="not assembled")
+    outcomes = run_probes([probe_program(r["program"], r["expected"], timeout) for r in todo],
+                          timeout=timeout + KILL_MARGIN, workers=workers, progress=progress)
+    for run, (reason, report) in zip(todo, outcomes):
+        if isinstance(report, dict) and "passed" in report:
+            run.update(passed=report.get("passed") is True, predicted=report.get("predicted"),
+                       error=report.get("error"), failure=report.get("failure"))
+        else:  # killed before it could report
+            run.update(passed=False, predicted=None, error=reason or "no verdict reported",
+                       failure="killed before scoring" if reason else "no verdict reported")
+    return runs
 
 
 def evaluate_mtpb(data: Dataset, complete, out_dir: str | Path, samples: int = 40, single_turn: bool = False,
@@ -325,31 +615,12 @@ def evaluate_mtpb(data: Dataset, complete, out_dir: str | Path, samples: int = 4
     summary.json and report.md to out_dir and returns the summary."""
     import time
 
-    from tqdm import tqdm
-
-    from .executor import run_probes
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    runs = []
-    total_cases = sum(len(p.inputs) for p in data.problems)
-    with tqdm(total=total_cases, desc="assembling", unit="test case", disable=not progress) as bar:
-        for problem in data.problems:
-            for case in range(len(problem.inputs)):
-                programs = assemble_samples(problem.turns(case), complete, problem.max_gen_length, samples,
-                                            single_turn)
-                runs += [{"problem": problem.id, "category": problem.category, "case": case, "sample": s,
-                          "program": prog, "expected": problem.outputs[case]} for s, prog in enumerate(programs)]
-                bar.update(1)
+    runs = assemble_runs(data, complete, samples, single_turn, progress)
     assembled = time.perf_counter()
-    outcomes = run_probes([probe_program(r["program"]) for r in runs], timeout=timeout, workers=workers,
-                          progress=progress)
-    for run, (reason, report) in zip(runs, outcomes):
-        printed, value = decode_prediction(report)
-        run["predicted"] = value if printed else None
-        run["passed"] = printed and matches(value, run["expected"])
-        run["error"] = reason
+    score_runs(runs, timeout, workers, progress)
     executed = time.perf_counter()
     summary = summarize_mtpb(runs, data)
     summary.update(settings=dict(settings or {}, samples=samples, single_turn=single_turn, timeout=timeout),
@@ -374,6 +645,7 @@ def summarize_mtpb(runs: Sequence[dict], data: Dataset) -> dict:
         by_category.setdefault(r["category"], []).append(r)
     return {**rate(list(runs)), "per_problem": {k: rate(v) for k, v in by_problem.items()},
             "per_category": {k: rate(v) for k, v in sorted(by_category.items())},
+            "not_assembled": sum(r.get("failure") == "not assembled" for r in runs),
             "data_issues": [str(i) for i in data.issues]}
 
 
@@ -382,10 +654,12 @@ def mtpb_report(summary: dict) -> str:
              f"Pass rate: **{100 * summary['pass_rate']:.2f}%** ({summary['passed']}/{summary['runs']} runs)", ""]
     if summary.get("settings"):
         lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in summary["settings"].items()), ""]
+    if summary.get("not_assembled"):
+        lines += [f"{summary['not_assembled']} runs failed unassembled (prompt longer than the model's context).", ""]
     lines += ["| category | runs | pass rate |", "|---|---|---|"]
     lines += [f"| {c} | {v['runs']} | {100 * v['pass_rate']:.2f}% |" for c, v in summary["per_category"].items()]
     lines += ["", "| problem | runs | pass rate |", "|---|---|---|"]
     lines += [f"| {p} | {v['runs']} | {100 * v['pass_rate']:.2f}% |" for p, v in summary["per_problem"].items()]
     if summary["data_issues"]:
-        lines += ["", "Data issues (problems skipped):", ""] + [f"- {i}" for i in summary["data_issues"]]
+        lines += ["", "Data issues:", ""] + [f"- {i}" for i in summary["data_issues"]]
     return "\n".join(lines) + "\n"
