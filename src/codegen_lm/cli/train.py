@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {default})")
         else:
             kind = {int: int, float: float, str: str}.get(type(default), int)
-            if f.name in ("lr", "min_lr", "weight_decay", "grad_clip", "eps", "beta1", "beta2", "dropout"):
+            if f.name in ("lr", "min_lr", "weight_decay", "grad_clip", "eps", "beta1", "beta2", "dropout",
+                          "peak_flops"):
                 kind = float
             p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=f"(default {default})")
     p.set_defaults(run=run)
@@ -37,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..hub import ModelNotFoundError
+    from ..training.checkpoints import TrainingError
     from ..training.config import TrainConfig
     from ..training.data import DataError
     from ..training.loop import train
@@ -49,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
                 setattr(cfg, f.name, value)
         cfg.validate()
         final = train(cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError, DataError, CheckpointError, ModelNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, DataError, CheckpointError, ModelNotFoundError, TrainingError) as exc:
         raise CliError(str(exc)) from None
+    except OSError as exc:  # e.g. an out_dir that cannot be created
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise CliError(f"{where}{exc.strerror or exc}") from None
     print(f"final checkpoint: {final}")
     return 0

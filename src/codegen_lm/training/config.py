@@ -56,6 +56,7 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: ddp or fsdp (FSDP2 fully_shard)
     threads: int = 0  # torch threads per process; 0 = PyTorch's default
     seed: int = 0
+    peak_flops: float = 0.0  # the MFU denominator per process, FLOP/s; 0: measure a large fp32 matmul at start
     # bookkeeping
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic held-out loss
@@ -76,7 +77,7 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "save_every", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 fail(name, "must be an integer >= 0")
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "eps"):
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip", "eps", "peak_flops"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 fail(name, "must be a number >= 0")
         if self.min_lr > self.lr:

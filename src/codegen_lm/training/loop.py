@@ -11,12 +11,12 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,15 +26,13 @@ from ..checkpoint import find_weight_files, load_weights
 from ..config import CodeGenConfig
 from ..model import CodeGenForCausalLM
 from ..tokenizer import CodeGenTokenizerFast
+from . import checkpoints as C
 from . import distributed as D
+from .checkpoints import CHECKPOINTS, FINAL, LOG, STATE, TrainingError
 from .config import TrainConfig
 from .data import TOKENIZER_DIR, TokenWindows, read_manifest
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-FINAL = "final"
-LOG = "log.jsonl"
-STATE = "trainer_state.pt"
+T = TypeVar("T")
 
 
 class LanguageModelLoss(nn.Module):
@@ -185,13 +183,13 @@ def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> Path:
     B, world, accum = cfg.batch_size, env.world_size, cfg.grad_accum
     global_batch = B * world * accum
 
-    resume_from = _latest_checkpoint(ckpt_root) if resume else None
-    if resume and resume_from is None and env.is_main:
-        print(f"codegen-lm train: no checkpoint in {ckpt_root} to resume from; starting fresh", file=sys.stderr)
+    picked: dict[str, Any] = {}  # rank 0's trainer state, read while checking the checkpoint
+    found = _on_main(env, lambda: _find_resume_point(out, resume, picked))
+    resume_from = ckpt_root / found if found else None
     model = build_model(cfg, train_data.vocab_size, tokenizer.eos_token_id)
     state: dict[str, Any] | None = None
     if resume_from is not None:
-        state = torch.load(resume_from / STATE, map_location="cpu", weights_only=True)
+        state = picked.pop("state", None) or torch.load(resume_from / STATE, map_location="cpu", weights_only=True)
         _check_resumable(state, cfg, global_batch, manifest)
         load_weights(model, find_weight_files(resume_from))
     model.to(env.device)
@@ -217,14 +215,17 @@ def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> Path:
     scaler = torch.amp.GradScaler(env.device.type) if needs_scaler else None
     step_fn = _compiled(wrapped) if cfg.compile else wrapped
 
+    # Only checkpoints of this run's history are pruned: those up to the one it resumes from, and those
+    # it writes; a fresh start leaves the checkpoints it found alone (apart from replacing the steps it saves).
+    own = {p.name for p in C.step_folders(ckpt_root) if (C.step_of(p) or 0) <= start_step} if state else set()
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        _trim_log(out / LOG, start_step)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        for stale in ckpt_root.glob("*.tmp") if ckpt_root.exists() else []:
-            shutil.rmtree(stale, ignore_errors=True)
+        with C.writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+        C.trim_log(out / LOG, start_step)
+        with C.writing(out / "train_config.json"):
+            C.write_atomic(out / "train_config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
     flops_per_token = training_flops_per_token(model.config, cfg.seq_len)
-    peak = measure_matmul_peak(env.device)
+    peak = cfg.peak_flops or measure_matmul_peak(env.device)
     tokens_per_step = global_batch * cfg.seq_len
     if env.is_main:
         n_params = model.num_parameters()
@@ -269,7 +270,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> Path:
         train_loss, norm = D.all_mean([float(loss_sum) / accum, float(grad_norm.full_tensor() if hasattr(
             grad_norm, "full_tensor") else grad_norm)], env)
         bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.max_steps or done == start_step + 1:
+        if done % cfg.log_every == 0 or done == cfg.max_steps or done == 1:  # the same steps after a resume
             elapsed = time.perf_counter() - window_start
             tps = window_tokens / elapsed
             record = {"step": done, "loss": train_loss, "lr": lr, "grad_norm": norm, "tokens": done * tokens_per_step,
@@ -289,7 +290,9 @@ def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> Path:
         if cfg.save_every and (done % cfg.save_every == 0 or done == cfg.max_steps):  # the last: to extend a run
             _save(ckpt_root / f"step-{done:07d}", model, net, optimizer, scheduler, done, global_batch, manifest,
                   cfg, env, tokenizer, training_state=True)
-            _prune(ckpt_root, cfg.keep_checkpoints, env)
+            own.add(f"step-{done:07d}")
+            if env.is_main:
+                C.prune(ckpt_root, own, cfg.keep_checkpoints)
             window_start, window_tokens = time.perf_counter(), 0
     bar.close()
     final = out / FINAL
@@ -338,51 +341,79 @@ def evaluate(wrapped: nn.Module, val: TokenWindows, cfg: TrainConfig, env: D.Dis
 def _save(folder: Path, model: CodeGenForCausalLM, net: nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: Any, step: int, global_batch: int, manifest: dict[str, Any], cfg: TrainConfig,
           env: D.DistEnv, tokenizer: CodeGenTokenizerFast, training_state: bool) -> None:
-    """Write a checkpoint atomically: into folder.tmp, then renamed into place (rank 0 writes;
-    gathering the state is collective)."""
+    """Write a checkpoint that a kill or a full disk cannot leave half-written (see checkpoints.py; rank 0
+    writes, gathering the state is collective, and a failure on rank 0 stops every rank)."""
     full = D.full_model_state(net, env)
     weights = {k.removeprefix("model."): v for k, v in full.items()}
     optim = D.full_optimizer_state(net, optimizer) if training_state else None
     rng = D.gather_objects(torch.get_rng_state(), env) if training_state else None
-    if env.is_main:
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if training_state:
-            torch.save({"step": step, "samples": step * global_batch, "global_batch": global_batch,
-                        "seq_len": cfg.seq_len, "seed": cfg.seed, "data_sha256": _data_hash(manifest),
-                        "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng}, tmp / STATE)
-        if folder.exists():
-            old = folder.with_name(folder.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-        if training_state:
-            latest = folder.parent / (LATEST + ".tmp")
-            latest.write_text(folder.name + "\n")
-            os.replace(latest, folder.parent / LATEST)
-    D.barrier(env)
+            with open(tmp / STATE, "wb") as f:  # a file object, so that an ENOSPC keeps its errno
+                torch.save({"step": step, "samples": step * global_batch, "global_batch": global_batch,
+                            "seq_len": cfg.seq_len, "seed": cfg.seed, "data_sha256": _data_hash(manifest),
+                            "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng}, f)
+
+    def write() -> None:
+        log = Path(cfg.out_dir) / LOG
+        if log.exists():  # the records up to this step must outlive the checkpoint that ends them
+            with C.writing(log), open(log, "rb") as f:
+                os.fsync(f.fileno())
+        C.write_checkpoint(folder, fill, update_latest=training_state)
+
+    _on_main(env, write)
 
 
-def _latest_checkpoint(root: Path) -> Path | None:
-    pointer = root / LATEST
-    if not pointer.is_file():
+def _on_main(env: D.DistEnv, fn: Callable[[], T]) -> T:
+    """fn() on rank 0, its result (or its error, as a TrainingError) on every rank."""
+    result: Any = None
+    failure: BaseException | None = None
+    if env.is_main:
+        try:
+            result = fn()
+        except BaseException as exc:
+            failure = exc
+    if not env.distributed:
+        if failure is not None:
+            raise failure
+        return result
+    message = None
+    if failure is not None:
+        message = str(failure) if isinstance(failure, TrainingError) else f"rank 0 failed ({type(failure).__name__})"
+    result, message = D.broadcast_object((result, message), env)
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise TrainingError(message)
+    return result
+
+
+def _find_resume_point(out: Path, resume: bool, picked: dict[str, Any]) -> str | None:
+    """Tidy the run folder after a crash (on every start) and pick the checkpoint to resume from."""
+    root = out / CHECKPOINTS
+    with C.writing(root):
+        C.recover(out)
+    found = C.step_folders(root)
+    if not resume:
+        if found:
+            C.warn(f"{root} holds checkpoints up to {found[-1].name} that this fresh run does not continue "
+                   "(pass --resume for that); it replaces those of the steps it saves and prunes none of the others")
         return None
-    folder = root / pointer.read_text().strip()
-    return folder if (folder / STATE).is_file() else None
-
-
-def _prune(root: Path, keep: int, env: D.DistEnv) -> None:
-    if not env.is_main:
-        return
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith((".tmp", ".old")))
-    for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    chosen = C.select_checkpoint(root)
+    if chosen is None:
+        if not found:
+            print(f"codegen-lm train: no checkpoint in {root} to resume from; starting fresh", file=sys.stderr)
+        return None
+    picked["state"] = chosen[1]
+    name = chosen[0].name
+    if C.read_pointer(root) != name:  # point `latest` at what this run continues, as a save would
+        with C.writing(root / C.LATEST):
+            C.write_atomic(root / C.LATEST, f"{name}\n".encode())
+    return name
 
 
 def _data_hash(manifest: dict[str, Any]) -> str:
@@ -403,17 +434,7 @@ def _check_resumable(state: dict[str, Any], cfg: TrainConfig, global_batch: int,
 
 def _log(out: Path, env: D.DistEnv, record: dict[str, Any]) -> None:
     if env.is_main:
-        with open(out / LOG, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """Drop records past `step` (written after the checkpoint a resumed run starts from)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        C.append_log(out / LOG, record)
 
 
 def plot_losses(log: Path, png: Path) -> None:
@@ -423,7 +444,7 @@ def plot_losses(log: Path, png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = C.read_log(log)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -437,6 +458,9 @@ def plot_losses(log: Path, png: Path) -> None:
     ax.legend()
     fig.tight_layout()
     tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, png)
+    try:
+        with C.writing(png):
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, png)
+    finally:
+        plt.close(fig)
