@@ -13,14 +13,15 @@ import json
 import mmap
 import os
 import pickle
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from .config import CodeGenConfig
-from .hub import resolve_files
+from .config import CodeGenConfig, read_json
+from .hub import hub_blob_dir, resolve_files
 from .quantize import is_quantized, quantize_model
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -43,6 +44,13 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked; the message names the file and key."""
 
 
+def _first_line(exc: BaseException) -> str:
+    """The gist of a library's exception in one line (torch's can run to a page of advice)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    return line[: line.index(". ") + 1] if len(line) > 160 and ". " in line else line
+
+
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
@@ -62,20 +70,49 @@ def find_weight_files(folder: Path) -> list[Path]:
     for index_name, single in ((SAFETENSORS_INDEX, SAFETENSORS), (BIN_INDEX, BIN)):
         index = folder / index_name
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{index}: not a valid shard index ({exc!r})") from None
-            shards = list(dict.fromkeys(weight_map.values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise CheckpointError(f"{index} lists shard {missing[0]}, which is not in {folder}")
-            return [folder / s for s in shards]
+            return _index_shards(folder, index)
         if (folder / single).is_file():
             return [folder / single]
     raise CheckpointError(
         f"{folder}: no model weights found (expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX})"
     )
+
+
+def _index_shards(folder: Path, index: Path) -> list[Path]:
+    """The shards a shard index names, each checked to be a regular file inside the checkpoint: an
+    index is data from whoever made the checkpoint, and must not point the loader at other files
+    (`../x`, absolute paths, or links out of the folder; the hub cache's links into its blob store
+    are the one exception)."""
+    try:
+        data = read_json(index, max_bytes=256 << 20)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CheckpointError(f"not a valid shard index: {exc}") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index}: not a valid shard index (expected \"weight_map\": {{tensor name: file name}})")
+    roots = [folder.resolve()]
+    blobs = hub_blob_dir(folder)
+    if blobs is not None:
+        roots.append(blobs.resolve())
+    shards = []
+    for name in dict.fromkeys(weight_map.values()):
+        parts = Path(name).parts
+        if not name or Path(name).is_absolute() or ".." in parts:
+            raise CheckpointError(f"{index} names shard {name!r}, a path outside the checkpoint folder; refused")
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{index} lists shard {name}, which is not in {folder}")
+        target = path.resolve()
+        if not any(target.is_relative_to(root) for root in roots):
+            raise CheckpointError(
+                f"{index} names shard {name!r}, a link to {target} outside the checkpoint folder; refused"
+            )
+        shards.append(path)
+    if not shards:
+        raise CheckpointError(f"{index}: the shard index lists no files")
+    return shards
 
 
 def _has_weights(folder: Path) -> bool:
@@ -126,28 +163,40 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
-    """Tensors as views of a private mapping of the file, copied by the caller straight into the
-    parameters (converting dtype on the way) with no intermediate copy."""
+def _safetensors_header(path: Path) -> tuple[dict, int]:
+    """The header of a safetensors file (tensor name -> dtype, shape, data offsets) and where its data
+    starts, checked by the safetensors library (offsets cover the file exactly) without reading data."""
     from safetensors import SafetensorError, safe_open
 
-    try:  # the library validates the header and that the offsets cover the file exactly
+    try:
         with safe_open(path, framework="pt") as f:
             keys = list(f.keys())
         with open(path, "rb") as fh:
             header_len = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(header_len))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file (corrupt or truncated?): {exc}") from None
-    data_start = 8 + header_len
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (corrupt or truncated?): {_first_line(exc)}"
+        ) from None
+    return {key: header[key] for key in keys}, 8 + header_len
+
+
+def _safetensors_dtype(path: Path, key: str, name: str) -> torch.dtype:
+    dtype = _SAFETENSORS_DTYPES.get(name)
+    if dtype is None:
+        raise CheckpointError(f"{path}: tensor {key!r} has dtype {name}, which we cannot read")
+    return dtype
+
+
+def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """Tensors as views of a private mapping of the file, copied by the caller straight into the
+    parameters (converting dtype on the way) with no intermediate copy."""
+    header, data_start = _safetensors_header(path)
     with open(path, "rb") as fh:
-        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if keys else None
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY) if header else None
     try:
-        for key in keys:
-            info = header[key]
-            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise CheckpointError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which we cannot read")
+        for key, info in header.items():
+            dtype = _safetensors_dtype(path, key, info["dtype"])
             begin, _end = (data_start + o for o in info["data_offsets"])
             numel = 1
             for dim in info["shape"]:
@@ -174,11 +223,16 @@ def _iter_bin(path: Path) -> Iterator[tuple[str, torch.Tensor, bool]]:
             mapped = False
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        what = f"its pickle would call {found.group(1)}" if found else _first_line(exc)
         raise CheckpointError(
-            f"{path}: refused to unpickle it (only plain tensors are loaded, never arbitrary objects): {exc}"
+            f"{path}: refused to unpickle it: not a plain weights file ({what}; only tensors are loaded, "
+            f"torch.load with weights_only=True)"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {exc}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, MemoryError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {_first_line(exc)}"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
     if "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -262,12 +316,16 @@ _CHUNK_BYTES = 16 << 20
 
 
 @torch.no_grad()
-def _copy_into(param: torch.Tensor, tensor: torch.Tensor, rows: torch.Tensor | None, mapped: bool) -> None:
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor, rows: torch.Tensor | None, mapped: bool) -> torch.Tensor:
     """param = tensor (or tensor[rows]), a few MB at a time, releasing the source pages as it goes:
-    a large tensor (the 200 MB embedding of a 350M model) never sits in memory twice."""
+    a large tensor (the 200 MB embedding of a 350M model) never sits in memory twice. Returns the sum
+    of what was written, which is finite only if every value is (the NaN check of load_weights)."""
+    floating = param.is_floating_point()
     if tensor.dim() == 0 or tensor.shape[0] <= 1:
         param.copy_(tensor if rows is None else tensor[rows])
+        total = param.sum() if floating else None
     else:
+        total = None
         step = max(1, _CHUNK_BYTES // max(1, tensor[0].numel() * tensor.element_size()))
         for start in range(0, tensor.shape[0], step):
             end = min(start + step, tensor.shape[0])
@@ -277,12 +335,58 @@ def _copy_into(param: torch.Tensor, tensor: torch.Tensor, rows: torch.Tensor | N
                     release_pages(tensor[start:end])
             else:
                 param[start:end].copy_(tensor[rows[start:end]])
+            if floating:
+                part = param[start:end].sum()
+                total = part if total is None else total + part
     if mapped and tensor.is_contiguous():
         release_pages(tensor)
+    return total if total is not None else torch.zeros(())
+
+
+def _check_tensor(path: Path, hf_key: str, shape: tuple[int, ...], dtype: torch.dtype, want_shape: tuple[int, ...],
+                  want_dtype: torch.dtype, config: CodeGenConfig) -> None:
+    """Refuse a stored tensor that cannot fill its parameter, naming the file and the tensor."""
+    if tuple(shape) != tuple(want_shape):
+        raise CheckpointError(
+            f"{path}: tensor {hf_key!r} has shape {list(shape)}, but the config "
+            f"({config.n_layer} layers, n_embd={config.n_embd}, vocab_size={config.vocab_size}) "
+            f"needs {list(want_shape)}"
+        )
+    if not dtype.is_floating_point and not (dtype == want_dtype == torch.int8):
+        raise CheckpointError(f"{path}: tensor {hf_key!r} has dtype {dtype}; expected floating point")
+    if dtype == torch.int8 and want_dtype != torch.int8:
+        raise CheckpointError(f"{path}: tensor {hf_key!r} is int8 but the config is not int8-quantized")
+
+
+def _missing_message(files: list[Path], shown: list[str], total: int) -> str:
+    names = ", ".join(p.name for p in files)
+    more = f" and {total - len(shown)} more" if total > len(shown) else ""
+    return f"checkpoint {files[0].parent} ({names}) lacks {', '.join(map(repr, shown))}{more}"
+
+
+def _unexpected_message(files: list[Path], unexpected: list[tuple[Path, str]], total: int | None = None) -> str:
+    total = len(unexpected) if total is None else total
+    shown = ", ".join(f"{k!r} (in {p.name})" for p, k in unexpected[:5])
+    more = f" and {total - len(unexpected[:5])} more" if total > len(unexpected[:5]) else ""
+    return f"checkpoint {files[0].parent} has tensors this CodeGen config does not use: {shown}{more}"
+
+
+def _all_finite(tensor: torch.Tensor, total: torch.Tensor | None = None) -> bool:
+    """Whether a tensor holds no NaN or infinity. `total`, its sum, is non-finite whenever an element
+    is (IEEE arithmetic never turns inf or NaN back into a number); only then, or if the sum itself
+    overflowed, look element by element, which is ~8x slower than the sum (isfinite makes a bool copy)."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if bool(torch.isfinite(tensor.sum() if total is None else total)):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def load_weights(model: torch.nn.Module, files: list[Path], strict: bool = True) -> None:
-    """Fill every parameter of `model` from `files` (HF layout), converting dtype and layout."""
+    """Fill every parameter of `model` from `files` (HF layout), converting dtype and layout.
+
+    A tensor holding NaN or infinity (or values its new dtype cannot hold) is refused by name: loaded,
+    it would only show up later as NaN logits, far from its cause."""
     config = _config_of(model)
     has_lm_head = hasattr(model, "lm_head")
     targets = dict(model.named_parameters(remove_duplicate=True))
@@ -300,31 +404,188 @@ def load_weights(model: torch.nn.Module, files: list[Path], strict: bool = True)
                 continue
             if key in loaded:
                 raise CheckpointError(f"{path}: tensor {hf_key!r} appears twice in the checkpoint")
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise CheckpointError(
-                    f"{path}: tensor {hf_key!r} has shape {list(tensor.shape)}, but the config "
-                    f"({config.n_layer} layers, n_embd={config.n_embd}, vocab_size={config.vocab_size}) "
-                    f"needs {list(param.shape)}"
-                )
-            if not tensor.is_floating_point() and not (tensor.dtype == param.dtype == torch.int8):
-                raise CheckpointError(f"{path}: tensor {hf_key!r} has dtype {tensor.dtype}; expected floating point")
-            if tensor.dtype == torch.int8 and param.dtype != torch.int8:
-                raise CheckpointError(f"{path}: tensor {hf_key!r} is int8 but the config is not int8-quantized")
-            _copy_into(param, tensor, perm if key.endswith(QKV_KEYS) else None, mapped)
+            _check_tensor(path, hf_key, tuple(tensor.shape), tensor.dtype, tuple(param.shape), param.dtype, config)
+            total = _copy_into(param, tensor, perm if key.endswith(QKV_KEYS) else None, mapped)
+            if not _all_finite(param, total):
+                if _all_finite(tensor):
+                    raise CheckpointError(f"{path}: tensor {hf_key!r} has values too large for {param.dtype}")
+                raise CheckpointError(f"{path}: tensor {hf_key!r} holds NaN or infinite values")
             loaded.add(key)
     missing = [k for k in targets if k not in loaded]
-    names = ", ".join(p.name for p in files)
     if missing:
-        shown = ", ".join(repr(_hf_key(k, has_lm_head) if has_lm_head else k) for k in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"checkpoint {files[0].parent} ({names}) lacks {shown}{more}")
+        shown = [_hf_key(k, has_lm_head) if has_lm_head else k for k in missing[:5]]
+        raise CheckpointError(_missing_message(files, shown, len(missing)))
     if unexpected:
-        shown = ", ".join(f"{k!r} (in {p.name})" for p, k in unexpected[:5])
-        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
-        message = f"checkpoint {files[0].parent} has tensors this CodeGen config does not use: {shown}{more}"
+        message = _unexpected_message(files, unexpected)
         if strict:
             raise CheckpointError(message + " (pass strict=False to ignore them)")
         warnings.warn(message, stacklevel=3)
+
+
+# ---- checking a checkpoint before anything is allocated ----------------------------------------------
+
+_LAYER_KEY = re.compile(r"^((?:transformer\.)?h)\.(0|[1-9][0-9]*)\.(.+)$")
+
+
+def _meta_model(cls: type, config: CodeGenConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """`cls(config)` on the meta device, as loading builds it (int8 placeholders for an int8 config)."""
+    with torch.device("meta"):
+        model = cls(config)
+        model.to(dtype=dtype)
+        if is_quantized(config):  # int8 weights and their scales load into Int8Linear placeholders
+            quantize_model(model, placeholders=True)
+    return model
+
+
+class ExpectedWeights:
+    """The parameters (name, shape, dtype) a model of `cls` with `config` has, known from a one-layer
+    model on the meta device whose layer stands for all of them: no step here grows with n_layer, so
+    a config.json claiming 10^9 layers costs as little to check as a real one."""
+
+    def __init__(self, cls: type, config: CodeGenConfig, dtype: torch.dtype = torch.float32) -> None:
+        one = CodeGenConfig.from_dict({**config.to_dict(), "n_layer": 1})
+        model = _meta_model(cls, one, dtype)
+        model.tie_weights()
+        self.config = config
+        self.has_lm_head = hasattr(model, "lm_head")
+        self.top: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.layer: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self.order: list[str | None] = []  # top-level names in parameter order; None where the layers go
+        self.prefix = ""
+        for name, param in model.named_parameters(remove_duplicate=True):
+            match = _LAYER_KEY.match(name)
+            if match:
+                self.prefix = match.group(1)
+                if None not in self.order:
+                    self.order.append(None)
+                self.layer[match.group(3)] = (tuple(param.shape), param.dtype)
+            else:
+                self.order.append(name)
+                self.top[name] = (tuple(param.shape), param.dtype)
+
+    def get(self, key: str) -> tuple[tuple[int, ...], torch.dtype] | None:
+        """(shape, dtype) of our parameter `key`, or None when the model has no such parameter."""
+        if key in self.top:
+            return self.top[key]
+        match = _LAYER_KEY.match(key)
+        if match and match.group(1) == self.prefix and int(match.group(2)) < self.config.n_layer:
+            return self.layer.get(match.group(3))
+        return None
+
+    def count(self) -> int:
+        return len(self.top) + self.config.n_layer * len(self.layer)
+
+    def names(self) -> Iterator[str]:
+        """Every parameter name, in the model's order (lazily: there may be billions)."""
+        for name in self.order:
+            if name is not None:
+                yield name
+                continue
+            for i in range(self.config.n_layer):
+                for suffix in self.layer:
+                    yield f"{self.prefix}.{i}.{suffix}"
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        """Memory of the parameters in `dtype` (int8 ones stay int8), plus the rotary tables."""
+
+        def size(entries: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+            total = 0
+            for shape, param_dtype in entries.values():
+                numel = 1
+                for dim in shape:
+                    numel *= dim
+                total += numel * (param_dtype.itemsize if param_dtype == torch.int8 else dtype.itemsize)
+            return total
+
+        rotary = 4 * self.config.n_positions * self.config.rotary_dims
+        return size(self.top) + self.config.n_layer * size(self.layer) + rotary
+
+
+def weight_manifest(files: list[Path]) -> Iterator[tuple[Path, str, tuple[int, ...], torch.dtype]]:
+    """(file, name, shape, dtype) of every stored tensor, from safetensors headers (no data read) or
+    a memory-mapped `.bin` (its pickle only; the tensor data stays on disk)."""
+    for path in files:
+        if path.suffix == ".safetensors":
+            header, _ = _safetensors_header(path)
+            for key, info in header.items():
+                yield path, key, tuple(info["shape"]), _safetensors_dtype(path, key, info["dtype"])
+        else:
+            for key, tensor, _ in _iter_bin(path):
+                yield path, key, tuple(tensor.shape), tensor.dtype
+
+
+def check_weights(expected: ExpectedWeights, files: list[Path], strict: bool = True) -> None:
+    """Check the stored tensors' names and shapes against the config before any memory is given to the
+    model, with load_weights' messages: a config.json whose n_layer or n_embd does not match its weights
+    is refused by naming the first missing, unexpected or misshapen tensor, not after allocating a model
+    of the size the config claims."""
+    config, has_lm_head = expected.config, expected.has_lm_head
+    loaded: set[str] = set()
+    unexpected: list[tuple[Path, str]] = []
+    stored_layers: set[int] = set()
+    for path, hf_key, shape, dtype in weight_manifest(files):
+        key = _internal_key(hf_key, has_lm_head)
+        if key is None:
+            continue
+        match = _LAYER_KEY.match(key)
+        if match:
+            stored_layers.add(int(match.group(2)))
+        want = expected.get(key)
+        if want is None:
+            unexpected.append((path, hf_key))
+            continue
+        if key in loaded:
+            raise CheckpointError(f"{path}: tensor {hf_key!r} appears twice in the checkpoint")
+        _check_tensor(path, hf_key, shape, dtype, want[0], want[1], config)
+        loaded.add(key)
+    hint, limit = "", 5
+    if stored_layers and len(stored_layers) != config.n_layer:  # the likely cause; one example will do
+        hint, limit = f": config.json has n_layer={config.n_layer}, the weights hold {len(stored_layers)} layers", 1
+    if len(loaded) < expected.count():
+        shown = []
+        for name in expected.names():
+            if name not in loaded:
+                shown.append(_hf_key(name, has_lm_head) if has_lm_head else name)
+                if len(shown) == limit:
+                    break
+        raise CheckpointError(_missing_message(files, shown, expected.count() - len(loaded)) + hint)
+    if unexpected and strict:
+        message = _unexpected_message(files, unexpected[:limit], len(unexpected))
+        raise CheckpointError(message + hint + " (pass strict=False to ignore them)")
+
+
+def check_memory(nbytes: int, device: torch.device, what: str = "the model") -> None:
+    """Refuse to build what cannot fit, before building it: on the CPU the kernel hands out memory
+    lazily, so an oversized model is not refused by the allocator but killed halfway through loading."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        if nbytes > free:
+            raise CheckpointError(f"{what} needs {nbytes / 1e9:.1f} GB, but {device} has {free / 1e9:.1f} GB free")
+    elif device.type == "cpu":
+        available = _cpu_memory_available()
+        if available is not None and nbytes > available:
+            raise CheckpointError(
+                f"{what} needs {nbytes / 1e9:.1f} GB, but this machine has {available / 1e9:.1f} GB of memory available"
+            )
+
+
+def _cpu_memory_available() -> int | None:
+    """MemAvailable plus free swap from /proc/meminfo, or less where a cgroup (a container) caps this
+    process's memory; None where neither can be read."""
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if line.split()[1:2]}
+        available = fields["MemAvailable"] + fields.get("SwapFree", 0)
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
 
 
 def default_dtype(requested: torch.dtype | str | None, config: CodeGenConfig, device: torch.device) -> torch.dtype:
@@ -347,6 +608,10 @@ def load_pretrained(
     cache_dir: str | os.PathLike | None = None,
     quantize: str | None = None,
 ) -> torch.nn.Module:
+    """Load a checkpoint: config, then the weights' names and shapes checked against it, then the
+    memory it needs against what there is, and only then allocate and fill the model."""
+    if quantize is not None and quantize != "int8":
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     folder = resolve_model_dir(name_or_path, revision=revision, cache_dir=cache_dir)
     config = CodeGenConfig.from_json_file(folder / "config.json")
     files = find_weight_files(folder)
@@ -354,20 +619,16 @@ def load_pretrained(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device='cuda' was asked for, but PyTorch sees no CUDA device")
     dtype = default_dtype(dtype, config, device)
-    with torch.device("meta"):
-        model = cls(config)
-        model.to(dtype=dtype)
-        if is_quantized(config):  # int8 weights and their scales load into Int8Linear placeholders
-            quantize_model(model, placeholders=True)
+    expected = ExpectedWeights(cls, config, dtype)
+    check_weights(expected, files, strict=strict)
+    check_memory(expected.nbytes(dtype), device, f"{folder} in {str(dtype).removeprefix('torch.')}")
+    model = _meta_model(cls, config, dtype)
     model.to_empty(device=device)
     model.tie_weights()
     load_weights(model, files, strict=strict)
     model.reset_rotary()
-    if quantize is not None:
-        if quantize != "int8":
-            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-        if not is_quantized(model.config):
-            quantize_model(model)
+    if quantize is not None and not is_quantized(model.config):
+        quantize_model(model)
     model.name_or_path = str(name_or_path)
     return model.eval()
 
@@ -496,7 +757,7 @@ def describe_weights(files: list[Path]) -> dict[str, object]:
                             numel *= d
                         count(key, numel, names.get(sl.get_dtype(), sl.get_dtype()), sizes.get(sl.get_dtype(), 0))
             except Exception as exc:
-                raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
+                raise CheckpointError(f"{path}: not a readable safetensors file: {_first_line(exc)}") from None
         else:
             for key, tensor, _ in _iter_bin(path):
                 count(key, tensor.numel(), str(tensor.dtype).removeprefix("torch."), tensor.element_size())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,14 @@ ALIASES = {
     "num_attention_heads": "n_head",
     "max_position_embeddings": "n_positions",
 }
+
+
+# Bounds far beyond any real CodeGen (the largest has 16B parameters and 2,048 positions): a config past
+# them is a typo or a hostile file, and refusing it early keeps a bad number from turning into a hang
+# or an allocation of terabytes.
+MAX_PARAMETERS = 10**12
+MAX_POSITIONS = 1 << 20
+MAX_CONFIG_BYTES = 16 << 20  # a config.json is a few hundred bytes; do not read a huge file into memory
 
 
 # The released checkpoints differ only in size; everything else is shared.
@@ -80,7 +89,7 @@ class CodeGenConfig:
 
     model_type = "codegen"
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, /, **kwargs: Any) -> None:
         for alias, name in ALIASES.items():
             if alias in kwargs:
                 if name in kwargs:
@@ -92,8 +101,10 @@ class CodeGenConfig:
         kwargs.pop("model_type", None)
         for name, default in FIELDS.items():
             setattr(self, name, kwargs.pop(name, default))
-        if self.torch_dtype is not None:
-            self.torch_dtype = str(self.torch_dtype).removeprefix("torch.")
+        if type(self.torch_dtype).__module__ == "torch":  # a torch.dtype passed in code
+            self.torch_dtype = str(self.torch_dtype)
+        if isinstance(self.torch_dtype, str):
+            self.torch_dtype = self.torch_dtype.removeprefix("torch.")
         self.extra: dict[str, Any] = kwargs
         self.validate()
 
@@ -125,22 +136,41 @@ class CodeGenConfig:
             return []
         return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
+    def num_parameters(self) -> int:
+        """Parameters of CodeGenForCausalLM with this config (lm_head included), counted without building
+        it: `info` and the size checks must not allocate, or even walk, a model that a typo made huge."""
+        E, L, V, inner = self.n_embd, self.n_layer, self.vocab_size, self.inner_dim
+        block = 2 * E + 4 * E * E + 2 * E * inner + inner + E  # ln_1, qkv + out_proj, fc_in, fc_out
+        head = V if self.tie_word_embeddings else V * E + V  # the bias is never tied
+        return V * E + L * block + 2 * E + head
+
     def validate(self) -> None:
-        """Reject shapes the network cannot be built with, naming the field at fault."""
+        """Reject values the network cannot be built or run with, naming the field and the value: a
+        wrong type, sign or size caught here is one clear line instead of a traceback, a hang or NaNs."""
 
         def fail(field: str, why: str) -> None:
-            raise ValueError(f"invalid CodeGenConfig: {field}={getattr(self, field)!r}: {why}")
+            raise ValueError(f"invalid CodeGenConfig: {field}={_short(getattr(self, field))}: {why}")
+
+        def is_int(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_real(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
         for field in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(getattr(self, field)) or getattr(self, field) <= 0:
                 fail(field, "must be a positive integer")
+        if self.n_ctx is not None and (not is_int(self.n_ctx) or self.n_ctx <= 0):
+            fail("n_ctx", "must be a positive integer")
+        for field in ("n_positions", "n_ctx"):
+            if getattr(self, field) is not None and getattr(self, field) > MAX_POSITIONS:
+                fail(field, f"is more than {MAX_POSITIONS:,} positions (CodeGen has 2,048)")
         if self.n_embd % self.n_head:
             fail("n_embd", f"must be divisible by n_head={self.n_head}")
         if self.n_embd % 4:
             fail("n_embd", "must be divisible by 4 (the fused qkv projection is stored as 4 blocks)")
         if self.rotary_dim is not None:
-            if not isinstance(self.rotary_dim, int) or isinstance(self.rotary_dim, bool) or self.rotary_dim <= 0:
+            if not is_int(self.rotary_dim) or self.rotary_dim <= 0:
                 fail("rotary_dim", "must be a positive integer or null")
             if self.rotary_dim % 2:
                 fail("rotary_dim", "must be even (rotary rotates pairs of dimensions)")
@@ -148,21 +178,44 @@ class CodeGenConfig:
                 fail("rotary_dim", f"must not exceed the head dimension n_embd/n_head={self.head_dim}")
         elif self.head_dim % 2:
             fail("n_embd", f"head dimension {self.head_dim} must be even when rotary_dim is null")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+        if self.n_inner is not None and (not is_int(self.n_inner) or self.n_inner <= 0):
             fail("n_inner", "must be a positive integer or null")
-        if self.activation_function not in ACTIVATIONS:
+        if not isinstance(self.activation_function, str) or self.activation_function not in ACTIVATIONS:
             fail("activation_function", f"unknown activation; expected one of {', '.join(ACTIVATIONS)}")
         for field in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
-            value = getattr(self, field)
-            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            if not is_real(getattr(self, field)) or not 0.0 <= getattr(self, field) < 1.0:
                 fail(field, "must be a probability in [0, 1)")
-        if not isinstance(self.layer_norm_epsilon, (int, float)) or self.layer_norm_epsilon <= 0:
-            fail("layer_norm_epsilon", "must be a positive number")
-        for eos in self.eos_token_ids:
-            if not isinstance(eos, int) or not 0 <= eos < self.vocab_size:
+        if not is_real(self.layer_norm_epsilon) or self.layer_norm_epsilon <= 0:
+            fail("layer_norm_epsilon", "must be a finite positive number")
+        if not is_real(self.initializer_range) or self.initializer_range < 0:
+            fail("initializer_range", "must be a finite number >= 0")
+        for field in ("use_cache", "tie_word_embeddings"):
+            if not isinstance(getattr(self, field), bool):  # "false" in JSON quotes would be truthy
+                fail(field, "must be true or false")
+        eos = self.eos_token_id
+        if not (eos is None or is_int(eos) or (isinstance(eos, (list, tuple)) and all(is_int(e) for e in eos))):
+            fail("eos_token_id", "must be a token id, a list of token ids or null")
+        for token in self.eos_token_ids:
+            if not 0 <= token < self.vocab_size:
                 fail("eos_token_id", f"must be a token id below vocab_size={self.vocab_size}")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+        if self.bos_token_id is not None and (not is_int(self.bos_token_id) or self.bos_token_id < 0):
+            fail("bos_token_id", "must be a token id (an integer >= 0) or null")
+        if self.pad_token_id is not None and (
+            not is_int(self.pad_token_id) or not 0 <= self.pad_token_id < self.vocab_size
+        ):
             fail("pad_token_id", f"must be a token id below vocab_size={self.vocab_size}")
+        dtype = self.torch_dtype
+        if dtype is not None and (not isinstance(dtype, str) or not dtype.isidentifier()):
+            fail("torch_dtype", "must be a dtype name such as float16 or null")
+        quantization = self.extra.get("quantization_config")
+        if quantization is not None and not isinstance(quantization, dict):
+            raise ValueError(f"invalid CodeGenConfig: quantization_config={quantization!r}: must be an object")
+        count = self.num_parameters()
+        if count > MAX_PARAMETERS:
+            sizes = ", ".join(f"{f}={_short(getattr(self, f))}" for f in ("n_layer", "n_embd", "vocab_size", "n_inner"))
+            raise ValueError(
+                f"invalid CodeGenConfig: {sizes}: make {f'{count:.3g}' if count < 1e300 else 'over 1e300'} "
+                f"parameters, more than the {MAX_PARAMETERS:.0e} this loader accepts (CodeGen-16B has 1.6e+10)")
 
     # ---- serialisation -------------------------------------------------------------------------
 
@@ -197,12 +250,7 @@ class CodeGenConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> CodeGenConfig:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path} not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        data = read_json(path)
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object")
         try:
@@ -235,3 +283,38 @@ class CodeGenConfig:
 
     def __repr__(self) -> str:
         return f"CodeGenConfig {self.to_json_string()}"
+
+
+def _short(value: object) -> str:
+    """repr(value), cut short: a hostile config.json must not make the error line a page long."""
+    if isinstance(value, int) and abs(value) >= 10**60:
+        return f"<an integer of {len(str(value))} digits>"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + "..."
+
+
+def read_json(path: Path, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """The JSON in `path`, or an error that names the file and says what is wrong with it in one line
+    (not there, unreadable, too big to be what it claims, binary, not JSON, nested absurdly deep)."""
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(max_bytes + 1)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(raw) > max_bytes:
+        raise ValueError(f"{path} is over {max_bytes >> 20} MB; that is not a JSON file of this kind")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset "
+                         f"{exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    except ValueError:  # json.loads refuses integers of more than 4,300 digits
+        raise ValueError(f"{path} is not valid JSON: it holds an integer of thousands of digits") from None
+    except RecursionError:
+        raise ValueError(f"{path} is not valid JSON: nested too deeply") from None

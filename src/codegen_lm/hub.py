@@ -44,6 +44,8 @@ def resolve_files(
     bundled = bundled_model_dir(str(name_or_path))
     if bundled is not None:
         return bundled
+    if path.exists():
+        raise ModelNotFoundError(f"{name_or_path}: not a folder (a checkpoint is a folder with config.json)")
     if is_local(name_or_path):
         raise ModelNotFoundError(f"{name_or_path}: no such folder")
     repo_id = str(name_or_path)
@@ -82,6 +84,16 @@ def resolve_files(
             f"{repo_id}: not in the local hub cache ({_cache_location(cache_dir)}) and the hub could not be "
             f"reached ({reason}); download it where there is network, or pass a local folder"
         ) from None
+
+
+def hub_blob_dir(folder: Path) -> Path | None:
+    """The blob store of the hub-cache repository whose snapshot `folder` is (its files are links into
+    it), or None for any other folder."""
+    folder = Path(folder)
+    blobs = folder.parent.parent / "blobs"
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--") and blobs.is_dir():
+        return blobs
+    return None
 
 
 def _offline() -> bool:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from . import data, evaluate, generate, info, serve, tokenizer, train
-from .common import CliError, OneLineParser
+from .common import CliError, OneLineParser, one_line
 
 COMMANDS = (generate, evaluate, info, data, tokenizer, train, serve)
 
@@ -21,11 +21,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a problem with the input is one `codegen-lm: error:` line and exit status 1."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
     except CliError as exc:
-        print(f"codegen-lm: error: {exc}", file=sys.stderr)
+        print(f"codegen-lm: error: {one_line(exc)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("codegen-lm: error: out of memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("codegen-lm: interrupted", file=sys.stderr)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
 import torch
+
+# Which devices a model can be put on; others (meta, xpu, ...) fail later with a traceback, or run on
+# data that is not there.
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 class CliError(Exception):
@@ -15,10 +21,12 @@ class CliError(Exception):
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is reported as one line (plus the exit status 2)."""
+    """argparse, but a bad command line is reported as one `codegen-lm: error:` line (exit status 2),
+    naming the command: `codegen-lm: error: generate: argument --threads: ...`."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        command = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        self.exit(2, f"codegen-lm: error: {command + ': ' if command else ''}{message}\n")
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, low_open: bool = False,
@@ -30,10 +38,18 @@ def number(kind: type, low: float | None = None, high: float | None = None, low_
             value = kind(text)
         except ValueError:
             expected = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
-        if value != value or (low is not None and (value < low or (low_open and value == low))) or (
-            high is not None and value > high
-        ):
+            hint = ""
+            if kind is int:
+                try:
+                    as_float = float(text)
+                    if as_float.is_integer():
+                        hint = f" (write {int(as_float)})"
+                except (ValueError, OverflowError):
+                    pass
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}{hint}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be a finite number")
+        if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
             raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
         return value
 
@@ -61,10 +77,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              f"(default: {DEFAULT_MODEL}, which ships with the package)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                         help="weight dtype (default: float32 on CPU, the checkpoint's dtype on GPU)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--quantize", choices=["int8"], default=None,
                         help="int8 weight-only quantization (about 4x less weight memory, faster CPU decoding)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    cpus = os.cpu_count() or 1
+    parser.add_argument("--threads", type=number(int, 1, cpus, what=f"must be in [1, {cpus}], this machine's CPUs"),
+                        default=None, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--random-weights", action="store_true",
                         help="build the model's shape with random weights instead of loading them "
                              "(for trying things out; the output is gibberish)")
@@ -90,47 +108,71 @@ def engine_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def parse_device(text: str) -> torch.device:
+    """--device as a torch.device this machine has, or a CliError naming what is wrong with it."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device {text!r} is not a device PyTorch knows (try cpu or cuda)") from None
+    if device.type not in DEVICE_TYPES:
+        raise CliError(f"--device {text}: models run on {' or '.join(DEVICE_TYPES)}, not {device.type}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {text}: PyTorch sees no CUDA device here")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise CliError(f"--device {text}: this machine has {count} CUDA device{'s' if count > 1 else ''} "
+                           f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    return device
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one line (library messages may span several)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
 def load_model(args: argparse.Namespace):
-    """Model and tokenizer for --model, or a CliError that says what is wrong."""
-    from ..checkpoint import CheckpointError
+    """Model and tokenizer for --model, or a CliError that says what is wrong.
+
+    Everything that can be checked before memory is handed out is: the options, config.json, the
+    weight files' names and shapes against it, and the memory it needs against what there is."""
+    from ..checkpoint import CheckpointError, ExpectedWeights, check_memory
     from ..config import CodeGenConfig
     from ..hub import ModelNotFoundError
     from ..model import CodeGenForCausalLM
     from ..tokenizer import CodeGenTokenizerFast
 
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise CliError(f"--device {args.device!r} is not a device PyTorch knows (try cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda: PyTorch sees no CUDA device here")
+    device = parse_device(args.device)
     if args.threads is not None:
-        if args.threads < 1:
-            raise CliError(f"--threads must be >= 1, got {args.threads}")
+        if not 1 <= args.threads <= (os.cpu_count() or 1):
+            raise CliError(f"--threads must be in [1, {os.cpu_count() or 1}], got {args.threads}")
         torch.set_num_threads(args.threads)
     try:
         if args.random_weights:
             config = CodeGenConfig.from_pretrained(args.model)
+            dtype = _dtype(args.dtype)
+            check_memory(ExpectedWeights(CodeGenForCausalLM, config, dtype).nbytes(dtype), device,
+                         f"{args.model} in {str(dtype).removeprefix('torch.')}")
             torch.manual_seed(getattr(args, "seed", None) or 0)
-            model = CodeGenForCausalLM.from_config(config, dtype=_dtype(args.dtype), device=args.device).eval()
+            model = CodeGenForCausalLM.from_config(config, dtype=dtype, device=device).eval()
             model.name_or_path = args.model
             if args.quantize:
                 from ..quantize import quantize_model
 
                 quantize_model(model)
         else:
-            model = CodeGenForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=args.device,
+            model = CodeGenForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=device,
                                                        quantize=args.quantize)
-    except (CheckpointError, ModelNotFoundError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise CliError(str(exc)) from None
+    except (CheckpointError, ModelNotFoundError, OSError, ValueError, RuntimeError, MemoryError) as exc:
+        raise CliError(one_line(exc)) from None
     try:
         tokenizer = CodeGenTokenizerFast.from_pretrained(args.model)
     except FileNotFoundError:
         print(f"codegen-lm: note: {args.model} has no tokenizer files; using the CodeGen tokenizer",
               file=sys.stderr)
         tokenizer = CodeGenTokenizerFast.from_pretrained()
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+    except (ValueError, OSError) as exc:
+        raise CliError(one_line(exc)) from None
     return model, tokenizer
 
 

@@ -5,9 +5,27 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..config import MAX_POSITIONS
 from ..generation import DEFAULT_MAX_NEW_TOKENS
 from ..tokenizer import DEFAULT_TRUNCATE_PATTERNS, truncate_before_pattern
-from .common import CliError, add_engine_options, add_model_options, engine_options, load_model, number, unescape
+from .common import (
+    CliError,
+    add_engine_options,
+    add_model_options,
+    engine_options,
+    load_model,
+    number,
+    one_line,
+    unescape,
+)
+
+# Every sample is kept until all are printed, and each is a slot's worth of decoding: a number past
+# this is a slip of the keyboard (HumanEval's pass@100 draws 200), and would fill memory before any
+# output appears.
+MAX_SAMPLES = 10_000
+# Far more text than any context holds (2^20 positions at most): `generate - < /dev/zero` stops here
+# instead of reading until memory runs out.
+MAX_PROMPT_BYTES = 64 << 20
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,18 +33,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", nargs="?", default="-", help="the prompt, or - (default) to read it from stdin")
     add_model_options(p)
     add_engine_options(p, prefix_cache=False)  # one request: nothing to reuse
-    p.add_argument("--max-new-tokens", type=number(int, 1, what="must be >= 1"), default=DEFAULT_MAX_NEW_TOKENS)
+    p.add_argument("--max-new-tokens", type=number(int, 1, MAX_POSITIONS, what=f"must be in [1, {MAX_POSITIONS}]"),
+                   default=DEFAULT_MAX_NEW_TOKENS, help="at most this many tokens (and no more than the context holds)")
     p.add_argument("--temperature", type=number(float, 0, what="must be >= 0"), default=0.0,
                    help="0 (default) is greedy; > 0 samples")
     p.add_argument("--top-k", type=number(int, 0, what="must be >= 0 (0 disables it)"), default=0)
     p.add_argument("--top-p", type=number(float, 0, 1, low_open=True, what="must be in (0, 1]"), default=1.0)
     p.add_argument("--repetition-penalty", type=number(float, 0, low_open=True, what="must be > 0"), default=1.0)
-    p.add_argument("--num-samples", type=number(int, 1, what="must be >= 1"), default=1)
+    p.add_argument("--num-samples", type=number(int, 1, MAX_SAMPLES, what=f"must be in [1, {MAX_SAMPLES:,}]"),
+                   default=1)
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="end the completion before TEXT (repeatable; \\n and \\t are understood)")
     p.add_argument("--truncate", action="store_true",
                    help="cut completions where CodeGen's samplers do (next top-level def/print, comment, ...)")
-    p.add_argument("--seed", type=int, default=None, help="make sampling repeatable")
+    p.add_argument("--seed", type=number(int), default=None, help="make sampling repeatable")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--completion-only", action="store_true", help="do not print the prompt before the completion")
     p.add_argument("--speculative", metavar="DRAFT",
@@ -42,7 +62,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..engine import Engine, GenerationParams
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin() if args.prompt == "-" else checked_argument(args.prompt)
     if not prompt:
         raise CliError("the prompt is empty")
     if args.num_samples > 1 and args.temperature == 0:
@@ -54,10 +74,17 @@ def run(args: argparse.Namespace) -> int:
     stops = [unescape(s) for s in args.stop]
     if any(not s for s in stops):
         raise CliError("--stop must not be empty")
+    context = _context(args.model)  # before the model is loaded: a value that can never fit is refused at once
+    if args.max_new_tokens > context:
+        raise CliError(f"--max-new-tokens {args.max_new_tokens} is more than the model's context of {context} "
+                       f"positions")
     model, tokenizer = load_model(args)
-    ids = tokenizer.encode(prompt)
-    if len(ids) >= model.config.n_positions:
-        raise CliError(f"the prompt is {len(ids)} tokens; the model's context is {model.config.n_positions} positions")
+    try:
+        ids = tokenizer.encode(prompt)
+    except ValueError as exc:
+        raise CliError(f"the prompt cannot be tokenized: {one_line(exc)}") from None
+    if len(ids) >= context:
+        raise CliError(f"the prompt is {len(ids)} tokens; the model's context is {context} positions")
     try:
         params = GenerationParams(n=args.num_samples, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -90,6 +117,46 @@ def run(args: argparse.Namespace) -> int:
         print(f"codegen-lm: speculative decoding accepted {stats.accepted}/{stats.proposed} guesses "
               f"({stats.acceptance_rate:.0%}), {stats.tokens_per_pass:.2f} tokens per target pass", file=sys.stderr)
     return 0
+
+
+def _context(name: str) -> int:
+    """n_positions of --model's config (the config is validated by load_model's loading as well)."""
+    from ..config import CodeGenConfig
+    from ..hub import ModelNotFoundError
+
+    try:
+        return CodeGenConfig.from_pretrained(name).n_positions
+    except (ModelNotFoundError, OSError, ValueError) as exc:
+        raise CliError(one_line(exc)) from None
+
+
+def read_stdin() -> str:
+    """The prompt from stdin, which must be UTF-8 text: binary data is named by its first bad byte,
+    not turned into a traceback or into replacement characters the model would then complete."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # replaced by a text stream (tests, embedding)
+        return checked_argument(sys.stdin.read(), "stdin")
+    data = stream.read(MAX_PROMPT_BYTES + 1)
+    if len(data) > MAX_PROMPT_BYTES:
+        raise CliError(f"stdin holds more than {MAX_PROMPT_BYTES >> 20} MB; a prompt must fit in the model's context")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CliError(f"stdin is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def checked_argument(text: str, what: str = "the prompt argument") -> str:
+    """`text` if it is valid Unicode; Python hands over undecodable argument bytes as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        if "\udc80" <= bad <= "\udcff":  # how Python passes on a byte that is not UTF-8
+            where = f"byte 0x{ord(bad) - 0xDC00:02x} at offset {len(text[: exc.start].encode('utf-8'))}"
+        else:
+            where = f"lone surrogate U+{ord(bad):04X} at character {exc.start}"
+        raise CliError(f"{what} is not UTF-8 text ({where})") from None
+    return text
 
 
 def _draft(args: argparse.Namespace, model):

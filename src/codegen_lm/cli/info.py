@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-import torch
-
-from .common import CliError
+from .common import CliError, one_line
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,10 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def describe(name: str) -> dict[str, object]:
+    """The config's shape and the weight files' parameters, dtypes and bytes, from config.json and the
+    files' headers only: nothing is allocated, so a config that claims a giant model costs nothing to
+    look at, and weights that do not fit the config are named as loading would name them."""
     from ..checkpoint import CheckpointError, describe_weights, find_weight_files, resolve_model_dir
     from ..config import RELEASED_CHECKPOINTS, CodeGenConfig
     from ..hub import ModelNotFoundError
-    from ..model import CodeGenForCausalLM
 
     try:
         try:
@@ -34,8 +35,7 @@ def describe(name: str) -> dict[str, object]:
                 raise
             folder = None
         config = CodeGenConfig.from_pretrained(folder or name)
-        with torch.device("meta"):
-            expected = CodeGenForCausalLM(config).num_parameters()
+        expected = config.num_parameters()
         out: dict[str, object] = {"model": name, "folder": str(folder) if folder else None}
         out["config"] = {k: config.to_dict()[k] for k in (
             "n_layer", "n_embd", "n_head", "rotary_dim", "n_inner", "vocab_size", "n_positions",
@@ -47,12 +47,24 @@ def describe(name: str) -> dict[str, object]:
             out["dtype"] = config.torch_dtype
             out["bytes"] = expected * 2
         else:
-            weights = describe_weights(find_weight_files(folder))
+            files = find_weight_files(folder)
+            _check_against_config(config, files)
+            weights = describe_weights(files)
             out.update(files=weights["files"], parameters=weights["parameters"], bytes=weights["bytes"],
                        dtype=", ".join(weights["dtypes"]))
-    except (CheckpointError, ModelNotFoundError, FileNotFoundError, ValueError) as exc:
-        raise CliError(str(exc)) from None
+    except (CheckpointError, ModelNotFoundError, OSError, ValueError) as exc:
+        raise CliError(one_line(exc)) from None
     return out
+
+
+def _check_against_config(config, files: list[Path]) -> None:
+    """Missing or misshapen tensors, as loading would report them (tensors the config does not use are
+    only described); weights without lm_head are taken for a bare CodeGenModel's."""
+    from ..checkpoint import ExpectedWeights, check_weights, weight_manifest
+    from ..model import CodeGenForCausalLM, CodeGenModel
+
+    full = any(key.startswith("lm_head.") for _, key, _, _ in weight_manifest(files))
+    check_weights(ExpectedWeights(CodeGenForCausalLM if full else CodeGenModel, config), files, strict=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ import inspect
 import json
 import re
 import string
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,6 +233,11 @@ class EngineTurns:
         self.engine, self.temperature, self.top_p, self.seed = engine, temperature, top_p, seed
         self._calls = 0
 
+    def start_case(self, problem_id: str, case: int) -> None:
+        """Seed the coming turns from the test case, not from how many calls came before it (so a case's
+        samples are the same whichever process assembles it: evaluation/distributed.py)."""
+        self._calls = zlib.crc32(f"{problem_id}\0{case}".encode()) * 64
+
     def complete_many(self, prompts: Sequence[str], max_new_tokens: int) -> list[str | PromptTooLong]:
         """One completion per prompt; a prompt the engine refuses for its length gets a PromptTooLong."""
         from ..engine import GenerationParams
@@ -353,17 +359,25 @@ def assemble(turns: Sequence[str], complete: Callable[..., str], max_new_tokens:
 
 
 def assemble_runs(data: Dataset, complete, samples: int, single_turn: bool = False,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, share: tuple[int, int] = (0, 1)) -> list[dict]:
     """Step 1 of an evaluation: one run dict per (problem, test case, sample), with its program and
     `assembled` (False, with the reason in `error`, where the prompt outgrew the model's context).
-    Runs can be scored separately (`score_runs`), in any grouping."""
+    Runs can be scored separately (`score_runs`), in any grouping. share (rank, world_size): only the
+    (problem, case) pairs whose number is rank modulo world_size (evaluation/distributed.py)."""
     from tqdm import tqdm
 
+    rank, world = share
+    number = -1
     runs = []
-    with tqdm(total=sum(len(p.inputs) for p in data.problems), desc="assembling", unit="test case",
-              disable=not progress) as bar:
+    with tqdm(total=len(range(rank, sum(len(p.inputs) for p in data.problems), world)), desc="assembling",
+              unit="test case", disable=not progress) as bar:
         for problem in data.problems:
             for case in range(len(problem.inputs)):
+                number += 1
+                if number % world != rank:
+                    continue
+                if hasattr(complete, "start_case"):
+                    complete.start_case(problem.id, case)
                 for s, built in enumerate(assemble_case(problem.turns(case), complete, problem.max_gen_length,
                                                         samples, single_turn)):
                     run = {"problem": problem.id, "category": problem.category, "case": case, "sample": s,
@@ -610,15 +624,26 @@ def score_runs(runs: list[dict], timeout: float = DEFAULT_TIMEOUT, workers: int 
 
 def evaluate_mtpb(data: Dataset, complete, out_dir: str | Path, samples: int = 40, single_turn: bool = False,
                   timeout: float = DEFAULT_TIMEOUT, workers: int | None = None, progress: bool = True,
-                  settings: dict | None = None) -> dict:
+                  settings: dict | None = None, group: Any = None) -> dict | None:
     """Assemble, execute and score every (problem, test case, sample); writes results.jsonl,
-    summary.json and report.md to out_dir and returns the summary."""
+    summary.json and report.md to out_dir and returns the summary. group (evaluation.distributed.Group,
+    under torchrun): each process assembles its share; rank 0 scores all (the others return None)."""
     import time
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    runs = assemble_runs(data, complete, samples, single_turn, progress)
+    if group is None:
+        runs = assemble_runs(data, complete, samples, single_turn, progress)
+    else:
+        mine = assemble_runs(data, complete, samples, single_turn, progress and group.is_main,
+                             (group.rank, group.world_size))
+        gathered = group.gather(mine)
+        if not group.is_main:
+            return None
+        order = {p.id: i for i, p in enumerate(data.problems)}
+        runs = sorted((r for rank_runs in gathered for r in rank_runs),
+                      key=lambda r: (order[r["problem"]], r["case"], r["sample"]))
     assembled = time.perf_counter()
     score_runs(runs, timeout, workers, progress)
     executed = time.perf_counter()

@@ -202,7 +202,7 @@ class Sandbox:
     `clock="own"` (default) times each program on its own time (wall minus CPU wait), so verdicts do
     not depend on the load; `clock="wall"` is the reference harness's wall clock (endless loops then
     cost only their timeout, not their CPU, but a slow correct program can time out on a busy machine,
-    as it can there); it keeps at most 2 x workers in flight.
+    as it can there); it keeps at most 3 x workers in flight.
     Starting it costs one interpreter start-up per worker (~0.2 s, in parallel); use it as a context
     manager or call `close` (it is also closed when garbage-collected). Thread-safe.
 
@@ -240,9 +240,9 @@ class Sandbox:
             raise ValueError(f"clock must be 'own' or 'wall', not {clock!r}")
         cap = memory_cap(memory_mb)
         self.workers = max(1, min(int(workers or default_workers()), cap))
-        # On the wall clock every program in flight shares the CPUs against its own deadline: no more
-        # than two per worker then (the reference harness's 4 threads on 2 CPUs).
-        self.max_workers = max(self.workers, min(int(max_workers or (4 if clock == "own" else 2) * self.workers), cap))
+        # On the wall clock every long program shares the CPUs against its own deadline: no more than two
+        # per worker beside the new ones then (the reference harness runs 4 threads on 2 CPUs).
+        self.max_workers = max(self.workers, min(int(max_workers or (4 if clock == "own" else 3) * self.workers), cap))
         self.timeout = float(timeout)
         self._root = tempfile.mkdtemp(prefix="codegen-sandbox-")
         os.chmod(self._root, 0o755)  # the unprivileged program user must be able to pass through

@@ -1,4 +1,9 @@
-"""Whether the numba kernels can run, and their thread count (one switch for every kernel module)."""
+"""Whether the numba kernels can run, and their thread count (one switch for every kernel module).
+
+Every kernel is compiled with error_model="numpy": a division by zero (a softmax whose scores are all
+NaN, a NaN LayerNorm epsilon) gives IEEE inf/NaN like PyTorch does, not a ZeroDivisionError raised out
+of the middle of a decoding step.
+"""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from ._numba import numba, set_threads
 
 if _numba.HAVE_NUMBA:
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _rotary_store_numba(qkv, cos, sin, K, V, slots, starts, scale, q):
         """For each row's new token (qkv [R, 3E] in the [q; k; v] layout of model.py): q rotated and
         scaled into q [R, H, D]; k rotated and v written to position starts[r] of slot slots[r]."""
@@ -41,7 +41,7 @@ if _numba.HAVE_NUMBA:
             for d in range(D):
                 V[s, h, p, d] = qkv[r, v0 + d]
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=True, nogil=True, error_model="numpy")
     def _write_rows_numba(key, value, K, V, slots, starts):
         for r in range(key.shape[0]):
             s, p = slots[r], starts[r]
@@ -50,7 +50,7 @@ if _numba.HAVE_NUMBA:
                     K[s, h, p, d] = key[r, h, d]
                     V[s, h, p, d] = value[r, h, d]
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _own_scores_numba(q, K, slots, prefix, ends, scores):
         """scores[h, r, j] = q[r, h] . K[slots[r], h, j] for prefix[r] <= j < ends[r], -inf from ends[r]
         on: the keys of each row's own tokens (q comes scaled)."""
@@ -76,7 +76,7 @@ if _numba.HAVE_NUMBA:
             for t in range(ends[r], scores.shape[2]):
                 scores[h, r, t] = -np.inf
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _own_values_numba(probs, V, slots, prefix, ends, base, out):
         """out[r, h*D:(h+1)*D] = base[h, r] + sum over prefix[r] <= j < ends[r] of probs[h, r, j] *
         V[slots[r], h, j]."""

@@ -22,14 +22,14 @@ from ._numba import numba, set_threads
 
 if _numba.HAVE_NUMBA:
 
-    @numba.njit(fastmath=True, inline="always")
+    @numba.njit(fastmath=True, inline="always", error_model="numpy")
     def _gelu_tanh(u):
         # tanh(z) = 1 - 2 / (exp(2z) + 1): scalar exp is ~4x cheaper than scalar tanh here
         z = np.float32(0.7978845608028654) * (u + np.float32(0.044715) * u * u * u)
         t = np.float32(1.0) - np.float32(2.0) / (math.exp(np.float32(2.0) * z) + np.float32(1.0))
         return np.float32(0.5) * u * (np.float32(1.0) + t)
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _block_numba(x, ln_w, ln_b, eps, w_qkv, w_in, b_in, w_o, w_out, b_out, cos, sin, K, V, pos, n_head, out):
         E = x.shape[0]
         D = E // n_head

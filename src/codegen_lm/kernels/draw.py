@@ -11,7 +11,7 @@ from ._numba import numba, set_threads
 
 if _numba.HAVE_NUMBA:
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _draw_rows_numba(probs, u, p, tokens, accept):
         """Per row: the first index whose cumulative weight exceeds u[r] * the row's total (inverse
         CDF: block sums first, then one block scanned), and whether the weight of the tokens more

@@ -17,7 +17,7 @@ F32_MIN_WEIGHTS = 1 << 20  # below ~4 MB of weights a product is too short to ga
 
 if _numba.HAVE_NUMBA:
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _f32_mm_numba(x, w, out):
         """fp32 x [rows, in] @ w[out, in]^T for a few rows: one pass over the weights, all threads."""
         rows, k_dim = x.shape

@@ -23,7 +23,7 @@ _BLOCK = 1024  # weight rows dequantized at a time on the fallback path
 
 if _numba.HAVE_NUMBA:
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _int8_mm_numba(x, w, scale, out):
         rows, k_dim = x.shape
         n_out = w.shape[0]
@@ -35,7 +35,7 @@ if _numba.HAVE_NUMBA:
                     acc += x[r, k] * np.float32(w[n, k])
                 out[r, n] = acc * s
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _int8_mm_rows_numba(x, w, scale, out, n_chunks):
         """Several rows: convert each weight row once into a small float buffer, then one dot per row."""
         rows, k_dim = x.shape
@@ -53,7 +53,7 @@ if _numba.HAVE_NUMBA:
                         acc += x[r, k] * buf[k]
                     out[r, n] = acc * s
 
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _dequant_numba(w, scale, out):
         for n in numba.prange(w.shape[0]):
             s = scale[n]
