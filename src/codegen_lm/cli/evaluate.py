@@ -117,6 +117,10 @@ def _execution_options(p: argparse.ArgumentParser, default_timeout: float = 3.0)
                    default=default_timeout, help=f"seconds per program (default {default_timeout:g})")
     p.add_argument("--workers", type=count(1, what="must be >= 1"), default=None,
                    help=f"programs executed at once (default: CPU count; at most {WORKERS_PER_CPU} per CPU)")
+    p.add_argument("--timeout-clock", choices=("own", "wall"), default="own",
+                   help="own (default): a program's wall-clock time minus its waits for a CPU, so verdicts do not "
+                        "depend on the load; wall: the reference harness's clock (endless loops then cost only "
+                        "their timeout, but slow programs can time out on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -337,7 +341,8 @@ def _humaneval(args: argparse.Namespace, group) -> int:
                 "problems": len(problems)}
     try:
         summary = humaneval.evaluate(problems, completer, out, args.n, [k for k in args.ks if k <= args.n],
-                                     settings, args.timeout, args.workers, not args.no_progress, group=group)
+                                     settings, args.timeout, args.workers, not args.no_progress, group=group,
+                                     clock=args.timeout_clock)
     except DistributedError as exc:
         raise CliError(f"{exc} (the samples made so far are kept in {out}: run the same command again to resume)"
                        ) from None
@@ -359,10 +364,12 @@ def run_execute(args: argparse.Namespace) -> int:
         samples = humaneval.read_samples(args.samples, problems)
         if not samples:
             raise ValueError(f"{args.samples}: no samples in it")
-        results = humaneval.execute_samples(samples, problems, args.timeout, args.workers, not args.no_progress)
+        results = humaneval.execute_samples(samples, problems, args.timeout, args.workers, not args.no_progress,
+                                            args.timeout_clock)
         humaneval.write_jsonl(out / "results.jsonl", results)
         summary = humaneval.summarize(results, ks)
-        summary["settings"] = {"samples_file": str(args.samples), "timeout": args.timeout, "k": ks}
+        summary["settings"] = {"samples_file": str(args.samples), "timeout": args.timeout,
+                               "timeout_clock": args.timeout_clock, "k": ks}
         humaneval.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     except (RuntimeError, FileNotFoundError, ValueError) as exc:
         raise CliError(str(exc)) from None
@@ -428,7 +435,7 @@ def _mtpb(args: argparse.Namespace, group) -> int:
                 "seed": args.seed, "data": str(args.data)}
     try:
         summary = mtpb.evaluate_mtpb(data, turns, out, args.samples, args.single_turn, args.timeout, args.workers,
-                                     not args.no_progress and main, settings, group=group)
+                                     not args.no_progress and main, settings, group=group, clock=args.timeout_clock)
     except DistributedError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:

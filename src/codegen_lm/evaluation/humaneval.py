@@ -202,13 +202,15 @@ def write_text(path: Path, text: str) -> None:
 
 def execute_samples(samples: Sequence[dict[str, Any]], problems: dict[str, dict[str, Any]],
                     timeout: float = DEFAULT_TIMEOUT, workers: int | None = None,
-                    progress: bool = True) -> list[dict[str, Any]]:
-    """Run every sample's check program in the sandbox; rows in input order, extra fields kept."""
+                    progress: bool = True, clock: str = "own") -> list[dict[str, Any]]:
+    """Run every sample's check program in the sandbox; rows in input order, extra fields kept.
+    `clock`: "own" (a program's own time, independent of the load) or "wall" (the reference's clock)."""
     unknown = sorted({s["task_id"] for s in samples} - problems.keys())
     if unknown:
         raise ValueError(f"samples name {len(unknown)} task_id(s) that are not problems: {', '.join(unknown[:5])}")
     programs = [check_program(problems[s["task_id"]], s["completion"]) for s in samples]
-    outcomes = run_checks(programs, timeout=timeout, workers=workers, progress=progress, desc="executing")
+    outcomes = run_checks(programs, timeout=timeout, workers=workers, progress=progress, desc="executing",
+                          clock=clock)
     return [{**s, "result": r, "passed": r == "passed"} for s, r in zip(samples, outcomes)]
 
 
@@ -416,7 +418,7 @@ def hash_text(text: str) -> int:
 def evaluate(problems: dict[str, dict[str, Any]], complete: Completer | Any, out_dir: str | Path, n: int,
              ks: Sequence[int], settings: dict[str, Any] | None = None, timeout: float = DEFAULT_TIMEOUT,
              workers: int | None = None, progress: bool = True, group: Any = None,
-             warn: Warn | None = warn_stderr) -> dict[str, Any] | None:
+             warn: Warn | None = warn_stderr, clock: str = "own") -> dict[str, Any] | None:
     """Sample, execute and score; writes samples.jsonl, results.jsonl, summary.json, report.md, pass_at_k.png.
 
     group (evaluation.distributed.Group, under torchrun): each process samples every world_size-th
@@ -449,7 +451,7 @@ def evaluate(problems: dict[str, dict[str, Any]], complete: Completer | Any, out
         group.release()
     sampled = time.perf_counter()
     samples = [row for task in problems for row in merged.get(task, ())]
-    results = execute_samples(samples, problems, timeout, workers, progress)
+    results = execute_samples(samples, problems, timeout, workers, progress, clock)
     executed = time.perf_counter()
     write_jsonl(out / "results.jsonl", results)
     summary = summarize(results, ks)

@@ -599,7 +599,7 @@ def probe_program(program: str, expected: Any = None, timeout: float = DEFAULT_T
 
 
 def score_runs(runs: list[dict], timeout: float = DEFAULT_TIMEOUT, workers: int | None = None,
-               progress: bool = True) -> list[dict]:
+               progress: bool = True, clock: str = "own") -> list[dict]:
     """Step 2 of an evaluation: execute and score the runs of `assemble_runs` (in place; also returned).
     Each gets passed, predicted (printable form of the last print's first argument, or None), error (what
     the program raised, the sandbox's reason if it was killed, or why it was not assembled) and failure
@@ -611,7 +611,7 @@ def score_runs(runs: list[dict], timeout: float = DEFAULT_TIMEOUT, workers: int 
         if not r.get("assembled", True):
             r.update(passed=False, predicted=None, failure="not assembled")
     outcomes = run_probes([probe_program(r["program"], r["expected"], timeout) for r in todo],
-                          timeout=timeout + KILL_MARGIN, workers=workers, progress=progress)
+                          timeout=timeout + KILL_MARGIN, workers=workers, progress=progress, clock=clock)
     for run, (reason, report) in zip(todo, outcomes):
         if isinstance(report, dict) and "passed" in report:
             run.update(passed=report.get("passed") is True, predicted=report.get("predicted"),
@@ -624,7 +624,7 @@ def score_runs(runs: list[dict], timeout: float = DEFAULT_TIMEOUT, workers: int 
 
 def evaluate_mtpb(data: Dataset, complete, out_dir: str | Path, samples: int = 40, single_turn: bool = False,
                   timeout: float = DEFAULT_TIMEOUT, workers: int | None = None, progress: bool = True,
-                  settings: dict | None = None, group: Any = None) -> dict | None:
+                  settings: dict | None = None, group: Any = None, clock: str = "own") -> dict | None:
     """Assemble, execute and score every (problem, test case, sample); writes results.jsonl,
     summary.json and report.md to out_dir and returns the summary. group (evaluation.distributed.Group,
     under torchrun): each process assembles its share; rank 0 scores all (the others return None)."""
@@ -645,7 +645,7 @@ def evaluate_mtpb(data: Dataset, complete, out_dir: str | Path, samples: int = 4
         runs = sorted((r for rank_runs in gathered for r in rank_runs),
                       key=lambda r: (order[r["problem"]], r["case"], r["sample"]))
     assembled = time.perf_counter()
-    score_runs(runs, timeout, workers, progress)
+    score_runs(runs, timeout, workers, progress, clock)
     executed = time.perf_counter()
     summary = summarize_mtpb(runs, data)
     summary.update(settings=dict(settings or {}, samples=samples, single_turn=single_turn, timeout=timeout),

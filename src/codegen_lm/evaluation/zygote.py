@@ -678,8 +678,7 @@ class _Zygote:
                 now = time.monotonic()
                 if long_at is not None and now >= long_at:
                     long_at = None
-                    with contextlib.suppress(OSError):  # others first: it gets what CPU they leave
-                        os.setpriority(os.PRIO_PGRP, pid, 10)
+                    _yield_cpu(pid)
                     send_message(self.channel_out, {"kind": "long"})
                 if now >= deadline:
                     waited = _cpu_wait(pid) if self.own_clock else 0.0
@@ -879,6 +878,16 @@ class _Zygote:
         numpy_random = sys.modules.get("numpy.random")
         if numpy_random is not None:  # the random module reseeds itself after fork; numpy's does not
             numpy_random.seed(int.from_bytes(os.urandom(4), "little"))  # (seeding from an int is fast)
+
+
+def _yield_cpu(pid: int) -> None:
+    """Let newer programs go first: `pid` gets the CPU they leave (nice 19). The program leads a session
+    of its own, so with autogroup scheduling (most distributions) that session's group is niced too:
+    nice alone only ranks processes within their group."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PGRP, pid, 19)
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as f:
+        f.write("19")
 
 
 def _cpu_wait(pid: int) -> float:
