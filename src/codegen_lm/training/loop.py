@@ -165,7 +165,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     cfg.validate()
     env = D.setup(cfg.device)
     try:
-        return _train(cfg, env, resume)
+        folder = _train(cfg, env, resume)
+        D.barrier(env)  # every rank is done before any tears its process group down (gloo aborts otherwise)
+        return folder
     finally:
         D.teardown(env)
 
