@@ -12,17 +12,9 @@ import time
 import pytest
 
 from codegen_lm.cli import evaluate as eval_cli
-from codegen_lm.cli import main
 from codegen_lm.evaluation import humaneval
 
-
-def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:  # argparse errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from .test_cli import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .common import CliError, add_engine_options, add_model_options, engine_options, load_model, number
 
@@ -283,19 +285,24 @@ def _engine(engine_class, model, tokenizer, batch: int, args: argparse.Namespace
         raise CliError(f"cannot start the inference engine with --batch {batch} on {args.device}: {reason}") from None
 
 
-def run_humaneval(args: argparse.Namespace) -> int:
+def _run_ranked(args: argparse.Namespace, check: Callable[[], None], body: Callable[[Any, Any], int]) -> int:
+    """Check the arguments, join the torchrun group (if any), run body(args, group), leave the group."""
     try:
-        _checked(lambda: _check_humaneval(args))
+        _checked(check)
         group = _join(args)
     except _Quiet:
         return 1
     try:
-        return _humaneval(args, group)
+        return body(args, group)
     except _Quiet:
         return 1
     finally:
         if group is not None:
             group.close()
+
+
+def run_humaneval(args: argparse.Namespace) -> int:
+    return _run_ranked(args, lambda: _check_humaneval(args), _humaneval)
 
 
 def _check_humaneval(args: argparse.Namespace) -> None:
@@ -384,18 +391,7 @@ def _print_pass_at_k(summary: dict, out: str) -> None:
 
 
 def run_mtpb(args: argparse.Namespace) -> int:
-    try:
-        _checked(lambda: _check_execution(args))
-        group = _join(args)
-    except _Quiet:
-        return 1
-    try:
-        return _mtpb(args, group)
-    except _Quiet:
-        return 1
-    finally:
-        if group is not None:
-            group.close()
+    return _run_ranked(args, lambda: _check_execution(args), _mtpb)
 
 
 def _mtpb(args: argparse.Namespace, group) -> int:

@@ -17,7 +17,6 @@ its output, so neither the program's output (any amount, any bytes) nor a timeou
 
 from __future__ import annotations
 
-import secrets
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -54,10 +53,9 @@ MTPB_ENVIRON = {"OMP_NUM_THREADS": "1"}
 
 
 
-def _channel(nonce: str = "") -> str:
-    """Preamble: the program's own stdout/stderr are swallowed and stdin raises on reads, as in the
-    reference harness (`__sandbox_report__` is the sandbox's builtin)."""
-    return """
+# Preamble: the program's own stdout/stderr are swallowed and stdin raises on reads, as in the reference
+# harness (`__sandbox_report__`, which the programs report through, is the sandbox's builtin).
+SWALLOW_IO = """
 import io as _cg_io, sys as _cg_sys
 class _CgSink(_cg_io.StringIO):
     def read(self, *a, **k):
@@ -69,17 +67,12 @@ _cg_sys.stdout = _cg_sys.stderr = _cg_sys.stdin = _CgSink()
 """
 
 
-def _parse_report(result: ExecutionResult, nonce: str = "") -> tuple[bool, Any]:
-    """(found, value) of the program's last report."""
-    return result.report is not None, result.report
-
-
-def humaneval_wrapper(program: str, nonce: str) -> str:
+def humaneval_wrapper(program: str) -> str:
     """`program` run the way the reference harness runs it, its outcome reported as that harness words it."""
     guard = "".join(f"import {module} as _cg_m\n" + "".join(f"_cg_m.{name} = None\n" for name in names)
                     for module, names in HUMANEVAL_DISABLED.items())
     guard += "".join(f"_cg_sys.modules[{m!r}] = None\n" for m in HUMANEVAL_BLOCKED_MODULES)
-    return (_channel(nonce) + f"_cg_sys.setrecursionlimit({HUMANEVAL_RECURSION_LIMIT})\n" + guard
+    return (SWALLOW_IO + f"_cg_sys.setrecursionlimit({HUMANEVAL_RECURSION_LIMIT})\n" + guard
             + f"_cg_program = {program!r}\n"
             + "try:\n"
             + "    exec(_cg_program, {})\n"
@@ -120,15 +113,13 @@ def run_checks(programs: Sequence[str], timeout: float = 3.0, workers: int | Non
     """The reference harness's result string for each program (in input order)."""
     if not programs:
         return []
-    nonce = secrets.token_hex(8)
-    wrapped = [humaneval_wrapper(p, nonce) for p in programs]
+    wrapped = [humaneval_wrapper(p) for p in programs]
     options = {"recursion_limit": HUMANEVAL_RECURSION_LIMIT + 100, **sandbox_options}
     results = _run_all(wrapped, timeout, workers, progress, desc, options)
     outcomes = []
     for result in results:
-        found, value = _parse_report(result, nonce)
-        if found and isinstance(value, str):
-            outcomes.append(value)
+        if isinstance(result.report, str):
+            outcomes.append(result.report)
         elif result.status == "timed out":  # (its own time, or its CPU-time limit)
             outcomes.append("timed out")
         else:  # killed before it could report (memory, output, signal): the sandbox says why
@@ -142,11 +133,5 @@ def run_probes(programs: Sequence[str], timeout: float = 20.0, workers: int | No
     """(failure reason or None, the program's report or None) for each program (in input order)."""
     if not programs:
         return []
-    nonce = secrets.token_hex(8)
-    wrapped = [_channel(nonce) + p for p in programs]
-    results = _run_all(wrapped, timeout, workers, progress, desc, sandbox_options)
-    out = []
-    for result in results:
-        found, value = _parse_report(result, nonce)
-        out.append((None if result.passed else result.reason, value if found else None))
-    return out
+    results = _run_all([SWALLOW_IO + p for p in programs], timeout, workers, progress, desc, sandbox_options)
+    return [(None if result.passed else result.reason, result.report) for result in results]
