@@ -96,6 +96,9 @@ CASES = [
     ("prefix-cache-inf", [*HE, "--out", "{tmp}/o", "--prefix-cache-mb", "inf"],  # (cli/common.py may refuse it)
      ("--prefix-cache-mb", " inf ", "finite number")),
     ("wait-hours-0", [*MT, "--out", "{tmp}/o", "--wait-hours", "0"], "--wait-hours: 0 is out of range"),
+    ("exec-guided-0", [*MT, "--out", "{tmp}/o", "--exec-guided", "0"],
+     "--exec-guided: 0 is out of range: must be in 1..100 attempts per turn"),
+    ("mtpb-batch-0", [*MT, "--out", "{tmp}/o", "--batch", "0"], "--batch: 0 is out of range: must be in 1..4096"),
     # samples files
     ("not-gzip", [*EX, "{notgz}", "--out", "{tmp}/o"], "{notgz}: not gzip data, though its name ends in .gz"),
     ("corrupt-gzip", [*EX, "{badgz}", "--out", "{tmp}/o"], "{badgz}: not valid gzip data"),

@@ -317,10 +317,12 @@ def test_mtpb_scoring_end_to_end(mtpb_file, tmp_path):
 def test_eval_mtpb_command(mtpb_file, tmp_path, capsys):
     out = tmp_path / "mt"
     assert cli_main(["eval", "mtpb", "--data", str(mtpb_file), "--samples", "2", "--out", str(out),
-                     "--problems", "1,3", "--no-progress"]) == 0
+                     "--problems", "1,3", "--no-progress", "--exec-guided", "2", "--batch", "3"]) == 0
     captured = capsys.readouterr()
     assert "duplicate id" in captured.err and "pass rate" in captured.out
     summary = json.loads((out / "summary.json").read_text())
     assert summary["runs"] == 2 * 3 and set(summary["per_problem"]) == {"1", "3"}
+    assert summary["settings"]["exec_guided"] == 2 and summary["settings"]["batch"] == 3
+    assert summary["turn_completions"] >= 2 * (3 * 2 + 2 * 1)  # samples x (turns x cases), more where resampled
     assert cli_main(["eval", "mtpb", "--data", str(tmp_path / "nope.jsonl"), "--out", str(out)]) == 1
     assert "nope.jsonl" in capsys.readouterr().err

@@ -205,16 +205,16 @@ def answer(prompt: str) -> str:
     return f"print({turn.split()[-1].rstrip('.')})\n\n\n# next" if turn.startswith("# Print") else "pass"
 
 
-class Limited:
-    """A completion object with complete_many whose model has a context of 200 characters."""
-
-    def complete_many(self, prompts, max_new_tokens):
-        return [mtpb.PromptTooLong(f"prompt of {len(p)} characters") if len(p) > 200 else answer(p) for p in prompts]
+def limited(prompt: str) -> str:
+    """A completion function whose model has a context of 200 characters."""
+    if len(prompt) > 200:
+        raise mtpb.PromptTooLong(f"prompt of {len(prompt)} characters")
+    return answer(prompt)
 
 
 def test_too_long_prompt_fails_that_program_only(data_file, tmp_path):
     data = mtpb.load_mtpb(data_file)
-    summary = mtpb.evaluate_mtpb(data, Limited(), tmp_path / "out", samples=2, timeout=2.0, workers=2,
+    summary = mtpb.evaluate_mtpb(data, limited, tmp_path / "out", samples=2, timeout=2.0, workers=2,
                                  progress=False)
     assert summary["runs"] == 2 * (5 + 1 + 1 + 1) and summary["not_assembled"] == 2
     assert summary["per_problem"]["long"]["passed"] == 0
@@ -226,20 +226,21 @@ def test_too_long_prompt_fails_that_program_only(data_file, tmp_path):
     assert {r["predicted"] for r in rows if r["problem"] == "57"} == {"0", "1", "2", "3", "4"}
 
 
-def test_engine_turns_turn_a_too_long_prompt_into_prompt_too_long(tokenizer_dir):
+def test_an_engine_turns_a_too_long_prompt_into_prompt_too_long(tokenizer_dir):
     import torch
 
     from codegen_lm import CodeGenConfig, CodeGenForCausalLM, CodeGenTokenizerFast
-    from codegen_lm.engine import Engine
+    from codegen_lm.conversation import EngineWriter
+    from codegen_lm.engine import Engine, GenerationParams
 
     torch.manual_seed(0)
     model = CodeGenForCausalLM(CodeGenConfig(n_embd=32, n_layer=1, n_head=4, rotary_dim=4, n_positions=256)).eval()
-    turns = mtpb.EngineTurns(Engine(model, CodeGenTokenizerFast.from_pretrained(tokenizer_dir), max_batch=2))
-    out = turns.complete_many([H + "# Print 7.\n", H + "# " + "word " * 300 + "\n"], 2)
-    assert isinstance(out[0], str) and isinstance(out[1], mtpb.PromptTooLong)
-    assert "does not fit the context of 256" in str(out[1])
-    with pytest.raises(mtpb.PromptTooLong):
-        mtpb.assemble(["word " * 300], turns, 2)
+    engine = Engine(model, CodeGenTokenizerFast.from_pretrained(tokenizer_dir), max_batch=2)
+    assert isinstance(EngineWriter(engine).write(H + "# Print 7.\n", GenerationParams(max_new_tokens=2)), str)
+    with pytest.raises(mtpb.PromptTooLong, match="does not fit the context of 256"):
+        mtpb.assemble(["word " * 300], engine, 2)
+    built = mtpb.converse(["Print 7.", "word " * 300], engine, GenerationParams(max_new_tokens=2))
+    assert built.error.startswith("prompt too long at turn 2") and built.attempts == 1
 
 
 def test_completion_functions_get_the_problems_max_gen_length():

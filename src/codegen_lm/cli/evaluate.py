@@ -19,8 +19,9 @@ from typing import Any
 from .common import CliError, add_engine_options, add_model_options, engine_options, load_model, number
 
 MAX_SAMPLES = 100_000  # per HumanEval problem: pass@k needs n >= k, and the paper's k goes to 100 (n = 200)
-MAX_MTPB_SAMPLES = 10_000  # per MTPB test case: all of a case's samples are decoded and kept at once
+MAX_MTPB_SAMPLES = 10_000  # per MTPB test case
 MAX_BATCH = 4096  # KV slots; the engine also keeps a vocabulary-sized row per slot (about 250 KiB)
+MAX_GUIDED = 100  # execution-guided attempts per turn
 MAX_TIMEOUT = 3600.0  # seconds per program; benchmark programs run in milliseconds (the reference: 3 s)
 WORKERS_PER_CPU = 4  # sandbox workers per CPU at most: programs are CPU-bound (and each is an interpreter)
 FINITE = sys.float_info.max
@@ -102,6 +103,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mt.add_argument("--single-turn", action="store_true", help="all turns in one prompt (the paper's ablation)")
     mt.add_argument("--problems", default=None, help="subset: comma-separated problem ids")
     mt.add_argument("--seed", type=int, default=0)
+    mt.add_argument("--batch", type=count(1, MAX_BATCH, what=f"must be in 1..{MAX_BATCH} KV slots"), default=32,
+                    help="KV slots (turns decoded together; default 32); twice as many conversations run at once")
+    mt.add_argument("--exec-guided", type=count(1, MAX_GUIDED, what=f"must be in 1..{MAX_GUIDED} attempts per turn"),
+                    default=1, metavar="K",
+                    help="execution-guided turns: after each turn run the program so far, and sample a turn whose "
+                         "program fails to parse or run again, up to K attempts (default 1: the paper's protocol)")
     _execution_options(mt, default_timeout=20.0)
     _parallel_options(mt)
     mt.set_defaults(run=run_mtpb)
@@ -395,7 +402,7 @@ def run_mtpb(args: argparse.Namespace) -> int:
 
 
 def _mtpb(args: argparse.Namespace, group) -> int:
-    from ..engine import Engine
+    from ..engine import Engine, GenerationParams
     from ..evaluation import mtpb
     from ..evaluation.distributed import DistributedError
 
@@ -423,15 +430,16 @@ def _mtpb(args: argparse.Namespace, group) -> int:
 
     def build():
         model, tokenizer = load_model(args)
-        return _engine(Engine, model, tokenizer, min(args.samples, 64), args)
+        return _engine(Engine, model, tokenizer, args.batch, args)
 
     engine = _together(group, build)
-    turns = mtpb.EngineTurns(engine, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    params = GenerationParams(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     settings = {"model": args.model, "quantize": args.quantize, "temperature": args.temperature, "top_p": args.top_p,
-                "seed": args.seed, "data": str(args.data)}
+                "seed": args.seed, "data": str(args.data), "batch": engine.max_batch}
     try:
-        summary = mtpb.evaluate_mtpb(data, turns, out, args.samples, args.single_turn, args.timeout, args.workers,
-                                     not args.no_progress and main, settings, group=group, clock=args.timeout_clock)
+        summary = mtpb.evaluate_mtpb(data, engine, out, args.samples, args.single_turn, args.timeout, args.workers,
+                                     not args.no_progress and main, settings, group=group, clock=args.timeout_clock,
+                                     params=params, exec_guided=args.exec_guided)
     except DistributedError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:

@@ -322,6 +322,11 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="codegen-lm-engine", daemon=True)
             self._thread.start()
 
+    @property
+    def started(self) -> bool:
+        """Whether the background loop (`start`) is running."""
+        return self._thread is not None
+
     def stop(self) -> None:
         with self._cond:
             self._stopping = True

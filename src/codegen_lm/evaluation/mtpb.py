@@ -1,10 +1,14 @@
 """MTPB, the Multi-Turn Programming Benchmark: data, prompt assembly, truncation and scoring.
 
 A problem is a list of natural-language turns (`str.format` templates filled from each test case's
-inputs). Multi-turn: the model writes code for turn 1, its code stays in the context, then turn 2 is
-appended, and so on; the last turn asks for a value to be printed. Single-turn (`single_turn=True`,
-the paper's ablation): all turns go into one prompt, answered by one completion, which is cut by a
-whole-program rule (`truncate_program`), not by the per-turn rule.
+inputs). Multi-turn: a conversation (conversation/protocol.py, the same protocol a Session follows):
+the model writes code for turn 1, its code stays in the context, then turn 2 is appended, and so on;
+the last turn asks for a value to be printed. Single-turn (`single_turn=True`, the paper's ablation):
+all turns go into one prompt, answered by one completion, which is cut by a whole-program rule
+(`truncate_program`), not by the per-turn rule. On an engine every (problem, test case, sample)
+conversation runs concurrently, each turn stopped as soon as its cut is known; seeds come from what a
+turn is, so the programs are the same at any concurrency. Execution-guided turns (`exec_guided`):
+a turn whose program so far fails to run is sampled again (conversation/guided.py).
 
 Scoring follows CodeGen's own scorer (`codegen1/benchmark/mtpb_exec.py`) program by program. Each
 program runs in its own sandboxed process, which scores itself as `eval_problem` does and reports
@@ -43,20 +47,25 @@ inputs differ in number is reported and scored on the pairs, as the original pai
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import json
 import re
 import string
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..tokenizer.truncate import DEFAULT_TRUNCATE_PATTERNS, truncate_before_pattern
+from ..conversation import protocol
+from ..conversation.execution import ProgramRunner
+from ..conversation.guided import write_turn
+from ..conversation.protocol import HEADER, instruction_comment
+from ..conversation.writer import PromptTooLong, derive_seed, writer_for
+from ..engine import GenerationParams
+from .sandbox import default_workers
 
-HEADER = "# Import libraries.\n\nimport numpy as np\n\n"
 DEFAULT_MAX_GEN_LENGTH = 256
 FLOAT_TOLERANCE = 1e-6
 DEFAULT_TIMEOUT = 20.0  # seconds per program, as in the original scorer
@@ -203,11 +212,6 @@ def _check_format_specs(template: str, values: dict[str, Any], depth: int) -> No
 PROGRAM_END_PATTERNS = (re.escape("<|endoftext|>"), r"^# Import libraries", "^'''", '^"""', "\n\n\n\n")
 
 
-def truncate_turn(completion: str) -> str:
-    """Where the model's code for one turn ends (CodeGen's own truncation rule)."""
-    return truncate_before_pattern(completion, DEFAULT_TRUNCATE_PATTERNS)
-
-
 def truncate_program(completion: str) -> str:
     """Where a single-turn completion, a whole program, ends: at the end-of-text token, a new MTPB header
     (`# Import libraries`), a line-initial docstring quote (a new file), or three blank lines (one more
@@ -217,176 +221,118 @@ def truncate_program(completion: str) -> str:
     return completion[: min(cuts)] if cuts else completion
 
 
-# ---- completions and assembly ---------------------------------------------------------------------
+# ---- assembly: one conversation per (problem, test case, sample) -----------------------------------
 
-
-class PromptTooLong(ValueError):
-    """A prompt that does not fit the model's context. Raised by (or returned in place of a completion
-    from) a completion function; that sample's program fails and the evaluation goes on."""
-
-
-class EngineTurns:
-    """Turn completions from an Engine, batched: `complete_many` submits all prompts at once (identical
-    prompts, as in every sample's first turn, become one request whose samples share a prefill)."""
-
-    def __init__(self, engine, temperature: float = 0.2, top_p: float = 0.95, seed: int = 0) -> None:
-        self.engine, self.temperature, self.top_p, self.seed = engine, temperature, top_p, seed
-        self._calls = 0
-
-    def start_case(self, problem_id: str, case: int) -> None:
-        """Seed the coming turns from the test case, not from how many calls came before it (so a case's
-        samples are the same whichever process assembles it: evaluation/distributed.py)."""
-        self._calls = zlib.crc32(f"{problem_id}\0{case}".encode()) * 64
-
-    def complete_many(self, prompts: Sequence[str], max_new_tokens: int) -> list[str | PromptTooLong]:
-        """One completion per prompt; a prompt the engine refuses for its length gets a PromptTooLong."""
-        from ..engine import GenerationParams
-
-        self._calls += 1
-        groups: dict[str, list[int]] = {}
-        for i, p in enumerate(prompts):
-            groups.setdefault(p, []).append(i)
-        handles = []
-        out: list[str | PromptTooLong] = [""] * len(prompts)
-        for j, (prompt, rows) in enumerate(groups.items()):
-            params = GenerationParams(n=len(rows), max_new_tokens=max_new_tokens, temperature=self.temperature,
-                                      top_p=self.top_p, seed=(self.seed * 1_000_003 + self._calls * 7919 + j) % 2**31)
-            try:
-                handles.append((rows, self.engine.submit(prompt, params)))
-            except ValueError as exc:  # the engine checks a prompt's length when it is submitted
-                if not self._too_long(prompt):
-                    raise
-                for row in rows:
-                    out[row] = PromptTooLong(str(exc))
-        for rows, handle in handles:
-            for row, sample in zip(rows, handle.result().outputs):
-                out[row] = sample.text
-        return out
-
-    def _too_long(self, prompt: str) -> bool:
-        tokenizer, limit = getattr(self.engine, "tokenizer", None), getattr(self.engine, "max_seq_len", None)
-        return tokenizer is not None and limit is not None and len(tokenizer.encode(prompt)) >= limit
-
-    def __call__(self, prompt: str, max_new_tokens: int) -> str:
-        result = self.complete_many([prompt], max_new_tokens)[0]
-        if isinstance(result, PromptTooLong):
-            raise result
-        return result
-
-
-def _complete_many(complete, prompts: list[str], max_new_tokens: int) -> list[str | PromptTooLong]:
-    """complete: an object with complete_many(prompts, max_new_tokens), a function (prompt,
-    max_new_tokens) -> completion, or a plain function prompt -> completion."""
-    if hasattr(complete, "complete_many"):
-        return list(complete.complete_many(prompts, max_new_tokens))
-    call = _caller(complete)
-    out: list[str | PromptTooLong] = []
-    for p in prompts:
-        try:
-            out.append(call(p, max_new_tokens))
-        except PromptTooLong as exc:
-            out.append(exc)
-    return out
-
-
-def _caller(fn) -> Callable[[str, int], str]:
-    """How fn gets its token budget: by keyword to a parameter named max_new_tokens; else positionally
-    when it has a second positional parameter (with or without a default) or *args; else not at all."""
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return lambda prompt, n: fn(prompt, n)
-    kinds = {p.kind for p in params}
-    if any(p.name == "max_new_tokens" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in params):
-        return lambda prompt, n: fn(prompt, max_new_tokens=n)
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) >= 2 or inspect.Parameter.VAR_POSITIONAL in kinds:
-        return lambda prompt, n: fn(prompt, n)
-    return lambda prompt, n: fn(prompt)
+GUIDE_TIMEOUT = 5.0  # seconds an execution-guided check may run the program so far
+DEFAULT_PARAMS = GenerationParams(temperature=0.2, top_p=0.95, seed=0)  # the paper's MTPB sampling
 
 
 @dataclass
 class Assembled:
-    """One sample's program, or (error set) why it could not be assembled."""
+    """One sample's program, or (error set) why it could not be assembled; attempts: turn completions
+    sampled for it (more than its turns where execution-guided turns were resampled)."""
 
     program: str
     error: str | None = None
+    attempts: int = 0
 
 
-def assemble_case(turns: Sequence[str], complete, max_new_tokens: int, samples: int,
-                  single_turn: bool = False) -> list[Assembled]:
-    """`samples` programs for one test case, all turns of all samples advanced together (so an engine
-    decodes the samples as one batch). A sample whose prompt outgrows the model's context stops there,
-    with the reason in `error`; the others go on."""
+def converse(turns: Sequence[str], complete, params: GenerationParams, keys: Sequence[object] = (),
+             single_turn: bool = False, tries: int = 1, check=None) -> Assembled:
+    """The program of one conversation: each turn written after the model's code for the turns before
+    (conversation/protocol.py), with params.max_new_tokens per turn; seeds derived from `keys` (problem,
+    case, sample) and the turn. A prompt that outgrows the model's context ends it, with the reason in
+    `error`. Single-turn: all turns as comments, then one completion of max_new_tokens x turns tokens,
+    cut by the whole-program rule. tries/check: execution-guided turns (conversation/guided.py)."""
+    writer = writer_for(complete)
     if single_turn:
-        prompt = HEADER + "".join(f"# {turn}\n" for turn in turns)
-        outs = _complete_many(complete, [prompt] * samples, max_new_tokens * len(turns))
-        return [Assembled(prompt, f"prompt too long: {o}") if isinstance(o, PromptTooLong)
-                else Assembled(prompt + truncate_program(o) + "\n\n") for o in outs]
-    runs = [Assembled(HEADER) for _ in range(samples)]
+        prompt = HEADER + "".join(instruction_comment(t) for t in turns)
+        budget = dataclasses.replace(params, max_new_tokens=params.max_new_tokens * len(turns),
+                                     seed=derive_seed(params.seed, *keys, "single-turn"))
+        try:
+            return Assembled(prompt + writer.write(prompt, budget, cut=truncate_program) + "\n\n", None, 1)
+        except PromptTooLong as exc:
+            return Assembled(prompt, f"prompt too long: {exc}", 1)
+    history: list[tuple[str, str]] = []
+    history_ok, attempts = True, 0
     for number, turn in enumerate(turns, 1):
-        live = [r for r in runs if r.error is None]
-        if not live:
-            break
-        for r in live:
-            r.program += f"# {turn}\n"
-        outs = _complete_many(complete, [r.program for r in live], max_new_tokens)
-        for r, o in zip(live, outs):
-            if isinstance(o, PromptTooLong):
-                r.error = f"prompt too long at turn {number}: {o}"
-            else:
-                r.program += truncate_turn(o) + "\n\n"
-    return runs
-
-
-def assemble_samples(turns: Sequence[str], complete, max_new_tokens: int, samples: int,
-                     single_turn: bool = False) -> list[str]:
-    """The programs of `assemble_case`; raises PromptTooLong if a sample's prompt outgrew the context."""
-    runs = assemble_case(turns, complete, max_new_tokens, samples, single_turn)
-    failed = next((r.error for r in runs if r.error is not None), None)
-    if failed is not None:
-        raise PromptTooLong(failed)
-    return [r.program for r in runs]
+        try:
+            result = write_turn(writer, history, turn, params, (*keys, number), tries=tries, check=check,
+                                history_ok=history_ok)
+        except PromptTooLong as exc:
+            return Assembled(protocol.prompt(history, turn), f"prompt too long at turn {number}: {exc}", attempts)
+        history.append((turn, result.code))
+        attempts += result.attempts
+        if result.run is not None:
+            history_ok = result.run.ok
+    return Assembled(protocol.program(history), None, attempts)
 
 
 def assemble(turns: Sequence[str], complete: Callable[..., str], max_new_tokens: int,
-             single_turn: bool = False) -> str:
-    """The program for one test case: each turn as a comment, each followed by the model's code.
+             single_turn: bool = False, params: GenerationParams = DEFAULT_PARAMS) -> str:
+    """The program for one test case (complete: an Engine, or a function (prompt, max_new_tokens) ->
+    completion text, or prompt -> text); raises PromptTooLong if a prompt outgrew the model's context."""
+    built = converse(turns, complete, dataclasses.replace(params, max_new_tokens=max_new_tokens),
+                     single_turn=single_turn)
+    if built.error is not None:
+        raise PromptTooLong(built.error)
+    return built.program
 
-    complete(prompt, max_new_tokens) -> completion text (or complete(prompt) -> completion text).
-    Single-turn: all turns as comments, then one completion of max_new_tokens x turns tokens."""
-    return assemble_samples(turns, complete, max_new_tokens, 1, single_turn)[0]
 
+def assemble_runs(data: Dataset, complete, samples: int, single_turn: bool = False, progress: bool = True,
+                  share: tuple[int, int] = (0, 1), params: GenerationParams = DEFAULT_PARAMS,
+                  exec_guided: int = 1, concurrency: int | None = None) -> list[dict]:
+    """Step 1 of an evaluation: one run dict per (problem, test case, sample), with its program,
+    `assembled` (False, with the reason in `error`, where the prompt outgrew the model's context) and
+    `attempts`. On an engine the conversations run concurrently (`concurrency` at once, default twice
+    the engine's slots), the engine batching their turns and its prefix cache carrying each history from
+    turn to turn; completion functions are called one at a time. Every turn's seed comes from what it
+    is, so the programs do not depend on the concurrency. share (rank, world_size): only the (problem,
+    case) pairs whose number is rank modulo world_size (evaluation/distributed.py).
+    exec_guided > 1: up to that many attempts per turn whose program so far fails to run."""
+    from concurrent.futures import ThreadPoolExecutor
 
-def assemble_runs(data: Dataset, complete, samples: int, single_turn: bool = False,
-                  progress: bool = True, share: tuple[int, int] = (0, 1)) -> list[dict]:
-    """Step 1 of an evaluation: one run dict per (problem, test case, sample), with its program and
-    `assembled` (False, with the reason in `error`, where the prompt outgrew the model's context).
-    Runs can be scored separately (`score_runs`), in any grouping. share (rank, world_size): only the
-    (problem, case) pairs whose number is rank modulo world_size (evaluation/distributed.py)."""
     from tqdm import tqdm
 
+    writer = writer_for(complete)
     rank, world = share
-    number = -1
-    runs = []
-    with tqdm(total=len(range(rank, sum(len(p.inputs) for p in data.problems), world)), desc="assembling",
-              unit="test case", disable=not progress) as bar:
-        for problem in data.problems:
-            for case in range(len(problem.inputs)):
-                number += 1
-                if number % world != rank:
-                    continue
-                if hasattr(complete, "start_case"):
-                    complete.start_case(problem.id, case)
-                for s, built in enumerate(assemble_case(problem.turns(case), complete, problem.max_gen_length,
-                                                        samples, single_turn)):
-                    run = {"problem": problem.id, "category": problem.category, "case": case, "sample": s,
-                           "program": built.program, "expected": problem.outputs[case],
-                           "assembled": built.error is None}
-                    if built.error is not None:
-                        run["error"] = built.error
-                    runs.append(run)
+    pairs = [(problem, case) for problem in data.problems for case in range(len(problem.inputs))]
+    jobs = [(problem, case, s) for number, (problem, case) in enumerate(pairs) if number % world == rank
+            for s in range(samples)]
+    check = ProgramRunner(GUIDE_TIMEOUT, default_workers()) if exec_guided > 1 else None
+
+    def run(job: tuple[Problem, int, int]) -> dict:
+        problem, case, sample = job
+        turn_params = dataclasses.replace(params, max_new_tokens=problem.max_gen_length)
+        built = converse(problem.turns(case), writer, turn_params, (problem.id, case, sample), single_turn,
+                         exec_guided, check.run if check else None)
+        out = {"problem": problem.id, "category": problem.category, "case": case, "sample": sample,
+               "program": built.program, "expected": problem.outputs[case], "assembled": built.error is None,
+               "attempts": built.attempts}
+        if built.error is not None:
+            out["error"] = built.error
+        return out
+
+    engine = getattr(writer, "engine", None)
+    started = engine is not None and not engine.started
+    if concurrency is None:
+        concurrency = 2 * engine.max_batch if engine is not None else 1
+    if not writer.concurrent:
+        concurrency = 1
+    try:
+        if started:
+            engine.start()  # a background loop, so that every conversation's turns are batched together
+        with tqdm(total=len(jobs), desc="assembling", unit="conversation", disable=not progress) as bar, \
+                ThreadPoolExecutor(max(1, min(concurrency, len(jobs)))) as pool:
+            runs = []
+            for out in pool.map(run, jobs):
+                runs.append(out)
                 bar.update(1)
+    finally:
+        if started:
+            engine.stop()
+        if check is not None:
+            check.close()
     return runs
 
 
@@ -624,20 +570,22 @@ def score_runs(runs: list[dict], timeout: float = DEFAULT_TIMEOUT, workers: int 
 
 def evaluate_mtpb(data: Dataset, complete, out_dir: str | Path, samples: int = 40, single_turn: bool = False,
                   timeout: float = DEFAULT_TIMEOUT, workers: int | None = None, progress: bool = True,
-                  settings: dict | None = None, group: Any = None, clock: str = "own") -> dict | None:
+                  settings: dict | None = None, group: Any = None, clock: str = "own",
+                  params: GenerationParams = DEFAULT_PARAMS, exec_guided: int = 1) -> dict | None:
     """Assemble, execute and score every (problem, test case, sample); writes results.jsonl,
     summary.json and report.md to out_dir and returns the summary. group (evaluation.distributed.Group,
-    under torchrun): each process assembles its share; rank 0 scores all (the others return None)."""
+    under torchrun): each process assembles its share; rank 0 scores all (the others return None).
+    params: how turns are sampled (max_new_tokens comes from each problem); exec_guided: attempts per turn."""
     import time
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if group is None:
-        runs = assemble_runs(data, complete, samples, single_turn, progress)
+        runs = assemble_runs(data, complete, samples, single_turn, progress, params=params, exec_guided=exec_guided)
     else:
         mine = assemble_runs(data, complete, samples, single_turn, progress and group.is_main,
-                             (group.rank, group.world_size))
+                             (group.rank, group.world_size), params, exec_guided)
         gathered = group.gather(mine)
         if not group.is_main:
             return None
@@ -648,7 +596,8 @@ def evaluate_mtpb(data: Dataset, complete, out_dir: str | Path, samples: int = 4
     score_runs(runs, timeout, workers, progress, clock)
     executed = time.perf_counter()
     summary = summarize_mtpb(runs, data)
-    summary.update(settings=dict(settings or {}, samples=samples, single_turn=single_turn, timeout=timeout),
+    summary.update(settings=dict(settings or {}, samples=samples, single_turn=single_turn, timeout=timeout,
+                                 exec_guided=exec_guided),
                    timings={"assembly_s": assembled - start, "execution_s": executed - assembled})
     with open(out / "results.jsonl", "w", encoding="utf-8") as f:
         for run in runs:
@@ -671,6 +620,7 @@ def summarize_mtpb(runs: Sequence[dict], data: Dataset) -> dict:
     return {**rate(list(runs)), "per_problem": {k: rate(v) for k, v in by_problem.items()},
             "per_category": {k: rate(v) for k, v in sorted(by_category.items())},
             "not_assembled": sum(r.get("failure") == "not assembled" for r in runs),
+            "turn_completions": sum(r.get("attempts", 0) for r in runs),
             "data_issues": [str(i) for i in data.issues]}
 
 
@@ -679,6 +629,9 @@ def mtpb_report(summary: dict) -> str:
              f"Pass rate: **{100 * summary['pass_rate']:.2f}%** ({summary['passed']}/{summary['runs']} runs)", ""]
     if summary.get("settings"):
         lines += ["Settings: " + ", ".join(f"{k}={v}" for k, v in summary["settings"].items()), ""]
+    if "turn_completions" in summary:
+        lines += [f"Turn completions sampled: {summary['turn_completions']} "
+                  f"({summary['turn_completions'] / max(1, summary['runs']):.2f} per run)", ""]
     if summary.get("not_assembled"):
         lines += [f"{summary['not_assembled']} runs failed unassembled (prompt longer than the model's context).", ""]
     lines += ["| category | runs | pass rate |", "|---|---|---|"]
