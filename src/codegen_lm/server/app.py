@@ -2,8 +2,10 @@
 every client are batched together (continuous batching).
 
 Routes: OpenAI's completions (/v1/completions, and /v1/engines/{engine}/completions for copilot.vim /
-FauxPilot clients, with token healing on), /v1/models, /copilot_internal/v2/token, TGI's /generate,
-/generate_stream and POST /, /health, /metrics (Prometheus) and the playground page at /.
+FauxPilot clients, with token healing on), OpenAI's chat completions (/v1/chat/completions: the CodeGen
+paper's multi-turn program synthesis, the reply being the code for the last user turn; chat.py),
+/v1/models, /copilot_internal/v2/token, TGI's /generate, /generate_stream and POST /, /health,
+/metrics (Prometheus) and the playground page at /.
 
 Bad input is answered with a 4xx naming the field (OpenAI's error shape; TGI's on the TGI routes) and
 the server goes on. A streamed request whose client goes away is cancelled, so its slots free at the
@@ -28,7 +30,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from ..engine import EngineError, RequestHandle, RequestOutput, StreamEvent
-from . import completions, tgi
+from . import chat, completions, tgi
 from .context import ServerContext
 from .errors import APIError
 
@@ -43,6 +45,7 @@ class _Tracker:
         self.arrived = time.perf_counter()
         self.last: dict[tuple[int, int], float] = {}
         self.first = False
+        self.ended: set[int] = set()  # requests the route stopped itself, their output complete
         ctx.metrics.prompt_tokens.inc(prompt_tokens)
 
     def observe(self, prompt: int, event: StreamEvent) -> None:
@@ -61,6 +64,13 @@ class _Tracker:
             self.last[key] = now
         if event.finish_reason is not None and event.finish_reason != "cancelled":  # those: at _close
             m.finished.labels(event.finish_reason).inc()
+
+    def end(self, handle: RequestHandle) -> None:
+        """Stop a request whose output is complete (a chat turn's code, cut): counted as a stop, not as
+        a cancellation."""
+        handle.cancel()
+        self.ended.add(handle.id)
+        self.ctx.metrics.finished.labels("stop").inc()
 
     def done(self, handles: list[RequestHandle]) -> None:
         self.ctx.inflight -= self.samples
@@ -124,6 +134,9 @@ def create_app(ctx: ServerContext) -> Starlette:
     async def engine_completions(request: Request) -> Response:
         return await _completions(request, ctx, engine_route=True)
 
+    async def chat_completions(request: Request) -> Response:
+        return await _chat(request, ctx)
+
     async def tgi_generate(request: Request) -> Response:
         return await _tgi(request, ctx, stream=False)
 
@@ -142,6 +155,7 @@ def create_app(ctx: ServerContext) -> Starlette:
         route("/v1/models", models, ["GET"]),
         route("/v1/completions", openai_completions, ["POST"]),
         route("/v1/engines/{engine}/completions", engine_completions, ["POST"]),
+        route("/v1/chat/completions", chat_completions, ["POST"]),
         route("/copilot_internal/v2/token", copilot_token, ["GET"]),
         route("/generate", tgi_generate, ["POST"], "tgi"),
         route("/generate_stream", tgi_generate_stream, ["POST"], "tgi"),
@@ -215,6 +229,25 @@ async def _completions(request: Request, ctx: ServerContext, engine_route: bool)
     return JSONResponse(completions.complete(job, ctx, results))
 
 
+async def _chat(request: Request, ctx: ServerContext) -> Response:
+    job = chat.parse(await _body(request, ctx), ctx)
+    _reserve(ctx, job.n)
+    tracker = _Tracker(ctx, job.n, len(job.prompt_ids))
+    try:
+        handles = chat.submit(job, ctx)
+    except BaseException:
+        ctx.inflight -= tracker.samples
+        raise
+    replies = chat.Replies(handles, tracker)
+    if job.stream:
+        return _sse(chat.stream(job, replies), handles, tracker, "[DONE]")
+    try:
+        body = await _unless_disconnected(request, chat.complete(job, replies))
+    finally:
+        _close(handles, tracker)
+    return JSONResponse(body)
+
+
 async def _tgi(request: Request, ctx: ServerContext, stream: bool | None) -> Response:
     job = tgi.parse(await _body(request, ctx), ctx, stream)
     _reserve(ctx, 1)
@@ -267,7 +300,7 @@ def _close(handles: list[RequestHandle], tracker: _Tracker) -> None:
     """The response is over (sent, failed or abandoned): cancel what is still running."""
     for h in handles:
         unfinished = sum(o.finish_reason is None for o in h.output().outputs)
-        if unfinished:
+        if unfinished and h.id not in tracker.ended:
             h.cancel()
             tracker.ctx.metrics.finished.labels("cancelled").inc(unfinished)
     tracker.done(handles)

@@ -49,22 +49,13 @@ def parse(body: object, ctx: ServerContext, engine_route: bool = False) -> Compl
     engine_route: the editor route (/v1/engines/{engine}/completions), where any model name is taken
     and token healing is on unless the body turns it off."""
     f = Fields(body)
-    model = f.string("model", None)
-    if model is not None and not engine_route and model not in ctx.model_names:
-        raise APIError(404, f"The model '{model}' does not exist; this server has {ctx.model_name!r}", "model",
-                       "model_not_found")
+    model = served_model(f, ctx, any_name=engine_route)
     suffix = f.string("suffix", None)
     if suffix:
         raise APIError(400, "'suffix' is not supported: CodeGen models continue a prompt and cannot fill in "
                             "the middle", "suffix", "unsupported_parameter")
     echo = f.boolean("echo", False)
-    stream = f.boolean("stream", False)
-    options = f.raw("stream_options", None)
-    include_usage = False
-    if options is not None:
-        if not stream:
-            raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
-        include_usage = Fields(options, "stream_options.").boolean("include_usage", False)
+    stream, include_usage = stream_fields(f)
     n = f.integer("n", 1, 1, 128)
     best_of = f.integer("best_of", n, 1, 128)
     if best_of < n:
@@ -76,41 +67,78 @@ def parse(body: object, ctx: ServerContext, engine_route: bool = False) -> Compl
     if max_tokens == 0 and not echo:
         raise APIError(400, "'max_tokens' must be >= 1 (0 is only allowed with 'echo')", "max_tokens",
                        "invalid_value")
-    temperature = f.number("temperature", 1.0, 0.0, 2.0)
-    top_p = f.number("top_p", 1.0, 0.0, 1.0)
     logprobs = f.integer("logprobs", None, 0, 5)
-    bias = _logit_bias(f, ctx.vocab_size)
-    f.string("user", None)
+    sampling = sampling_fields(f, ctx)
     healing = f.boolean("token_healing", engine_route) and not echo
     params = GenerationParams(
         n=best_of,
         max_new_tokens=max(max_tokens, 1),
-        temperature=0.0 if top_p == 0.0 else temperature,
-        top_p=top_p or 1.0,
-        stop=f.stops("stop", 4),
-        seed=f.integer("seed", None),
         logprobs=logprobs if logprobs is not None else (0 if best_of > n else None),
         prompt_logprobs=logprobs if echo and logprobs is not None else None,
-        presence_penalty=f.number("presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=f.number("frequency_penalty", 0.0, -2.0, 2.0),
-        logit_bias=bias or None,
         token_healing=healing,
         speculative=None,
+        **sampling,
     )
     prompts, texts, from_text = _prompts(f, ctx)
     if len(prompts) * best_of > MAX_SAMPLES:
         raise APIError(400, f"{len(prompts)} prompts x {best_of} samples is more than the {MAX_SAMPLES} one request "
                             "may ask for", "n", "invalid_value")
     for i, ids in enumerate(prompts):
-        if len(ids) >= ctx.context:
-            raise APIError(400, f"prompt {i} has {len(ids)} tokens, and this model's maximum context length is "
-                                f"{ctx.context} tokens, which must leave room for at least one new token; shorten "
-                                "the prompt", "prompt", "context_length_exceeded")
+        check_fits(ctx, ids, f"prompt {i}", "prompt")
     return CompletionJob(prompts, texts, from_text, params, n, best_of, echo, logprobs, max_tokens, stream,
                          include_usage, model or ctx.model_name)
 
 
-def _logit_bias(f: Fields, vocab: int) -> dict[int, float]:
+# ---- fields the chat completions route shares -----------------------------------------------------
+
+
+def served_model(f: Fields, ctx: ServerContext, any_name: bool = False) -> str | None:
+    """The `model` field: one of the served model's names (404 otherwise, as OpenAI answers), or None."""
+    model = f.string("model", None)
+    if model is not None and not any_name and model not in ctx.model_names:
+        raise APIError(404, f"The model '{model}' does not exist; this server has {ctx.model_name!r}", "model",
+                       "model_not_found")
+    return model
+
+
+def stream_fields(f: Fields) -> tuple[bool, bool]:
+    """(`stream`, `stream_options.include_usage`); stream_options only with stream, as OpenAI checks."""
+    stream = f.boolean("stream", False)
+    options = f.raw("stream_options", None)
+    if options is None:
+        return stream, False
+    if not stream:
+        raise APIError(400, "'stream_options' is only allowed when 'stream' is true", "stream_options")
+    return stream, Fields(options, "stream_options.").boolean("include_usage", False)
+
+
+def sampling_fields(f: Fields, ctx: ServerContext) -> dict:
+    """The sampling fields, as GenerationParams keywords, with OpenAI's defaults (temperature 1, top_p 1;
+    top_p 0 means greedy); `user` is checked and ignored."""
+    temperature = f.number("temperature", 1.0, 0.0, 2.0)
+    top_p = f.number("top_p", 1.0, 0.0, 1.0)
+    bias = logit_bias(f, ctx.vocab_size)
+    f.string("user", None)
+    return dict(
+        temperature=0.0 if top_p == 0.0 else temperature,
+        top_p=top_p or 1.0,
+        stop=f.stops("stop", 4),
+        seed=f.integer("seed", None),
+        presence_penalty=f.number("presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=f.number("frequency_penalty", 0.0, -2.0, 2.0),
+        logit_bias=bias or None,
+    )
+
+
+def check_fits(ctx: ServerContext, ids: Sequence[int], what: str, param: str) -> None:
+    """400 for a prompt that leaves no room in the context for a new token."""
+    if len(ids) >= ctx.context:
+        raise APIError(400, f"{what} has {len(ids)} tokens, and this model's maximum context length is "
+                            f"{ctx.context} tokens, which must leave room for at least one new token; shorten "
+                            f"the {param}", param, "context_length_exceeded")
+
+
+def logit_bias(f: Fields, vocab: int) -> dict[int, float]:
     raw = f.raw("logit_bias", {})
     if not isinstance(raw, dict):
         raise f.fail("logit_bias", "must be an object mapping token ids to biases", raw)
@@ -216,7 +244,7 @@ def complete(job: CompletionJob, ctx: ServerContext, results: list[RequestOutput
         for rank, o in enumerate(outputs):
             choices.append(_choice(job, ctx, i * job.n + rank, result, text, o))
     return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
-            "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+            "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def _choice(job: CompletionJob, ctx: ServerContext, index: int, result: RequestOutput, prompt_text: str, o) -> dict:
@@ -238,7 +266,7 @@ def _choice(job: CompletionJob, ctx: ServerContext, index: int, result: RequestO
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
 
 
-def _usage(prompt: int, completion: int) -> dict:
+def usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -313,4 +341,4 @@ async def stream(job: CompletionJob, ctx: ServerContext, handles: list[RequestHa
             continue
         yield {**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}
     if job.include_usage:
-        yield {**base, "choices": [], "usage": _usage(sum(len(p) for p in job.prompts), generated)}
+        yield {**base, "choices": [], "usage": usage(sum(len(p) for p in job.prompts), generated)}
