@@ -268,3 +268,48 @@ def test_concurrent_mtpb_conversations_give_the_programs_of_one_at_a_time(engine
             text = engine.submit(protocol.prompt(history, turn), seeded).result().outputs[0].text
             history.append((turn, cut_turn(text)))
         assert protocol.program(history) == r["program"]
+
+
+def test_a_failed_retry_keeps_the_turn_and_load_names_the_model_it_continues_with(tmp_path):
+    script = Scripted({"Set x.": ["x = 1"]})
+    session = Session(script, model_name="first")
+    session.ask("Set x.")
+
+    def broken(prompt, max_new_tokens):
+        raise KeyboardInterrupt
+
+    session.writer.call = broken
+    with pytest.raises(KeyboardInterrupt):
+        session.retry()
+    assert [(t.code, t.attempts) for t in session.turns] == [("x = 1", 1)]
+    session.save(tmp_path / "s.json")
+    model = CodeGenForCausalLM.from_pretrained("codegen-lm-mini")
+    model.name_or_path = "second"
+    loaded = Session.load(tmp_path / "s.json", model, CodeGenTokenizerFast.from_pretrained("codegen-lm-mini"))
+    assert (loaded.model_name, loaded.saved_model) == ("second", "first")
+    Session(script).save(tmp_path / "none.json")  # a completion function has no name
+    with pytest.raises(SessionFileError, match="names no model"):
+        Session.load(tmp_path / "none.json")
+
+
+def test_an_interrupted_run_does_not_leak_its_result_into_the_next():
+    import signal
+
+    from codegen_lm.conversation import ProgramRunner
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupt
+
+    with ProgramRunner() as runner:
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            with pytest.raises(Interrupt):
+                runner.run("import time\ntime.sleep(3)\nprint('old program')")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        assert runner.run("print('new program')").stdout == "new program\n"

@@ -6,10 +6,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import data, evaluate, generate, info, serve, tokenizer, train
+from . import chat, data, evaluate, generate, info, serve, synthesize, tokenizer, train
 from .common import CliError, OneLineParser, one_line
 
-COMMANDS = (generate, evaluate, info, data, tokenizer, train, serve)
+COMMANDS = (generate, evaluate, info, data, tokenizer, train, serve, chat, synthesize)
 
 
 def build_parser() -> argparse.ArgumentParser:

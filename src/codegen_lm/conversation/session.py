@@ -13,9 +13,11 @@ the history's keys and values come from its prefix cache, so a turn costs about 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,10 @@ class Session:
         self.header, self.exec_guided = header, exec_guided
         self.turns: list[Turn] = []
         self.runner = ProgramRunner(run_timeout)
+        # The execution-guided check of the last turn written (None: not checked); its .ok says whether
+        # the kept attempt's program ran.
+        self.last_check: RunResult | None = None
+        self.saved_model: str | None = None  # the model named in the file this session was loaded from
         self._history_ok = True  # whether the program so far ran, when guidance last checked it
 
     # ---- the conversation -------------------------------------------------------------------------
@@ -85,9 +91,12 @@ class Session:
 
     def retry(self, on_text: OnText | None = None,
               on_failed: Callable[[int, RunResult], None] | None = None) -> str:
-        """Sample the last turn again (with new seeds) and return its new code."""
-        last = self.undo()
-        return self._write(last.instruction, last.attempts, on_text, on_failed)
+        """Sample the last turn again (with new seeds) and return its new code. The old turn stays if
+        this fails or is interrupted."""
+        if not self.turns:
+            raise IndexError("there is no turn to retry")
+        last = self.turns[-1]
+        return self._write(last.instruction, last.attempts, on_text, on_failed, replace=True)
 
     def undo(self) -> Turn:
         """Remove the last turn and return it."""
@@ -124,12 +133,18 @@ class Session:
         return [(t.instruction, t.code) for t in self.turns]
 
     def _write(self, instruction: str, first_attempt: int, on_text: OnText | None,
-               on_failed: Callable[[int, RunResult], None] | None) -> str:
-        result = write_turn(self.writer, self._pairs(), instruction, self.params, (len(self.turns),),
+               on_failed: Callable[[int, RunResult], None] | None, replace: bool = False) -> str:
+        history = self._pairs()[: len(self.turns) - replace]
+        result = write_turn(self.writer, history, instruction, self.params, (len(history),),
                             header=self.header, tries=self.exec_guided, check=self.runner.run,
-                            history_ok=self._history_ok, first_attempt=first_attempt, on_text=on_text,
-                            on_failed=on_failed)
-        self.turns.append(Turn(instruction, result.code, first_attempt + result.attempts))
+                            history_ok=self._history_ok or replace, first_attempt=first_attempt,
+                            on_text=on_text, on_failed=on_failed)
+        turn = Turn(instruction, result.code, first_attempt + result.attempts)
+        if replace:
+            self.turns[-1] = turn
+        else:
+            self.turns.append(turn)
+        self.last_check = result.run
         if result.run is not None:
             self._history_ok = result.run.ok
         return result.code
@@ -145,18 +160,28 @@ class Session:
     def save(self, path: str | os.PathLike) -> None:
         """Write the session as JSON (turns, settings, model); written whole or not at all."""
         path = Path(path)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(temporary, path)
+        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(descriptor, "w", encoding="utf-8") as f:
+                f.write(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.replace(temporary, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise
 
     @classmethod
     def load(cls, path: str | os.PathLike, source: Any = None, tokenizer: Any = None) -> Session:
         """A saved session, continued with `source` (default: the model named in the file)."""
         data = read_session_file(path)
-        return cls(source if source is not None else data["model"], tokenizer,
-                   params=dataclasses.replace(DEFAULT_PARAMS, **data["settings"]), header=data["header"],
-                   exec_guided=data["exec_guided"], run_timeout=data["run_timeout"], model_name=data["model"]
-                   ).with_turns([Turn(**t) for t in data["turns"]])
+        if source is None and data["model"] is None:
+            raise SessionFileError(f"{path}: the file names no model; pass one (Session.load(path, model))")
+        session = cls(source if source is not None else data["model"], tokenizer,
+                      params=dataclasses.replace(DEFAULT_PARAMS, **data["settings"]), header=data["header"],
+                      exec_guided=data["exec_guided"], run_timeout=data["run_timeout"])
+        session.model_name = session.model_name or data["model"]  # the model it continues with, if it has a name
+        session.saved_model = data["model"]
+        return session.with_turns([Turn(**t) for t in data["turns"]])
 
     def with_turns(self, turns: list[Turn]) -> Session:
         self.turns = list(turns)

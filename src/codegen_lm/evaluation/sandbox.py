@@ -476,15 +476,22 @@ class _Worker:
                 self.stop()
                 seconds = time.monotonic() - start
                 return ExecutionResult("error", False, f"failed: sandbox worker died ({exc})", seconds=seconds)
+            except BaseException:  # interrupted (Ctrl-C) mid-program: its result must not reach the next program
+                self.stop(kill=True)
+                raise
             if message.get("unclean"):
                 self.stop()  # replaced before the next program: leftovers never reach another program
             return ExecutionResult(**message["result"])
         raise AssertionError("unreachable")
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """End the zygote: at once (kill), or by closing its pipes, which it exits on between programs."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        if kill:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
         for stream in (proc.stdin, proc.stdout):
             if stream is not None:
                 stream.close()  # EOF makes the zygote exit
