@@ -62,6 +62,7 @@ from ..conversation import protocol
 from ..conversation.execution import ProgramRunner
 from ..conversation.guided import write_turn
 from ..conversation.protocol import HEADER, instruction_comment
+from ..conversation.session import DEFAULT_PARAMS as SESSION_PARAMS
 from ..conversation.writer import PromptTooLong, derive_seed, writer_for
 from ..engine import GenerationParams
 from .sandbox import default_workers
@@ -224,7 +225,7 @@ def truncate_program(completion: str) -> str:
 # ---- assembly: one conversation per (problem, test case, sample) -----------------------------------
 
 GUIDE_TIMEOUT = 5.0  # seconds an execution-guided check may run the program so far
-DEFAULT_PARAMS = GenerationParams(temperature=0.2, top_p=0.95, seed=0)  # the paper's MTPB sampling
+DEFAULT_PARAMS = dataclasses.replace(SESSION_PARAMS, seed=0)  # the paper's MTPB sampling, reproducible
 
 
 @dataclass
