@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..kernels import onednn
+from ..kernels import onednn, openmp
 from .healing import TokenHealer
 from .params import GenerationParams, RequestOutput, SequenceOutput, StreamEvent
 from .prefix_cache import DEFAULT_MB, PrefixCache, PrefixCacheStats
@@ -314,10 +314,14 @@ class Engine:
             pass
 
     def start(self) -> None:
-        """Run the engine in a background thread (servers, asyncio); handles then just wait."""
+        """Run the engine in a background thread (servers, asyncio); handles then just wait.
+
+        The calling thread hands back its OpenMP worker pools first (it loaded the model, so it has
+        them): with two threads' pools alive, a 2-core CPU decodes 2-2.5x slower (kernels/openmp.py)."""
         with self._cond:
             if self._thread is not None:
                 return
+            openmp.release_thread_pools()
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="codegen-lm-engine", daemon=True)
             self._thread.start()
