@@ -7,6 +7,11 @@ chunk of the prompt being prefilled. Then the sampler (engine/sampler.py) picks 
 text streams (engine/text.py) turn them into text and catch stop strings, finished samples free their
 slots, and waiting samples take them (engine/scheduler.py decides who and how much).
 
+A beam search request (GenerationParams.num_beams = k > 1) takes k slots at once, when k are free; its
+k rows decode in the same steps as everything else, and after each step engine/beams.py picks the
+continuations, the k slots (and the rows' seen/counts bitmaps) are gathered to the beams they extend,
+and the new tokens appended. Its outputs, the n best hypotheses, are published when the search ends.
+
 Prompts are looked up in the prefix cache (engine/prefix_cache.py) first: only positions no cached
 block covers are computed. Prompts and finished samples are stored there, so an editor's next
 keystroke or a conversation's next turn reuses them.
@@ -31,16 +36,18 @@ import torch
 from torch import nn
 
 from ..kernels import onednn, openmp
+from .beams import BeamSearch
 from .healing import TokenHealer
 from .params import GenerationParams, RequestOutput, SequenceOutput, StreamEvent
 from .prefix_cache import DEFAULT_MB, PrefixCache, PrefixCacheStats
+from .processors import RequestProcessors, RowExtras
 from .requests import Request, Sample
 from .runner import CompiledBlocks, Row, run
-from .sampler import choose
+from .sampler import choose, process
 from .scheduler import SOLO_CHUNK, Scheduler
 from .slot_cache import SlotCache
 from .speculative import DraftModel, SpeculativeStats, prompt_lookup
-from .text import Decoder, TextStream
+from .text import Decoder, TextStream, find_stop
 from .weights import prepare
 
 SPECULATIVE_TOKENS = 4  # guesses per step unless a request or the engine says otherwise
@@ -158,6 +165,10 @@ class Engine:
             raise ValueError(f"prefix_cache_mb must be >= 0, got {prefix_cache_mb!r}")
         if not 1 <= speculative_tokens <= 16:
             raise ValueError(f"speculative_tokens must be in [1, 16], got {speculative_tokens!r}")
+        for name, module in model.named_modules():  # runner.py reads projection weights directly
+            if hasattr(module, "lora_A"):
+                raise ValueError(f"{name} has an unmerged LoRA adapter, which the engine would skip: merge it "
+                                 "into the weights first (codegen_lm.lora.merge_lora)")
         self.model = model.eval()
         prepare(model, pack_weights)
         if matmul_dtype == "auto":
@@ -232,12 +243,20 @@ class Engine:
         bad = next((t for t in params.logit_bias or () if t >= self.vocab), None)
         if bad is not None:
             raise ValueError(f"logit_bias token id {bad} is outside the vocabulary of {self.vocab}")
+        for name in ("bad_words_ids", "suppress_tokens", "begin_suppress_tokens"):
+            value = getattr(params, name)
+            bad = next((t for t in (sum(value, ()) if name == "bad_words_ids" else value) if t >= self.vocab), None)
+            if bad is not None:
+                raise ValueError(f"{name} token id {bad} is outside the vocabulary of {self.vocab}")
+        if params.num_beams > self.max_batch:
+            raise ValueError(f"num_beams={params.num_beams} needs that many KV slots; the engine has "
+                             f"max_batch={self.max_batch}")
         healed, allowed = "", None
         if params.token_healing:
             heal = self.healer.heal(prompt_ids)
             if heal is not None:
                 prompt_ids, healed, allowed = heal.prompt_ids, heal.removed.decode(), heal.allowed
-        mode = params.speculative or self.speculative
+        mode = "off" if params.beam_search else params.speculative or self.speculative
         if mode == "draft" and self.draft is None:
             raise ValueError("speculative='draft' needs an engine with a draft model (Engine(speculative=model))")
         eos = params.eos_token_ids if params.eos_token_ids is not None else self.model.config.eos_token_ids
@@ -247,7 +266,18 @@ class Engine:
                           healed, allowed)
         if params.prompt_logprobs is not None:
             request.prompt_logprobs, request.prompt_top_logprobs = [], []
-        for j in range(params.n):
+        if params.uses_processors:
+            request.processors = RequestProcessors(params, request.eos, self.device)
+        if params.beam_search:
+            request.beam = BeamSearch(params.num_beams, len(request.eos), request.max_new_tokens,
+                                      float(params.length_penalty), params.early_stopping, params.n, params.logprobs)
+            request.beam_scores = [] if params.output_scores else None
+            request.beam_logits = [] if params.output_logits else None
+            for j in range(params.num_beams):  # the running beams; their text is decoded when the search ends
+                sample = Sample(request, j, None, None, SequenceOutput(j))
+                request.samples.append(sample)
+                request.to_admit.append(sample)
+        for j in range(params.n if not params.beam_search else 0):
             generator = None
             if params.seed is not None and not params.greedy:
                 generator = torch.Generator(device=self.device)
@@ -255,7 +285,9 @@ class Engine:
             stream = TextStream(self.tokenizer, params.stop, params.skip_special_tokens, healed) if self.tokenizer \
                 else None
             output = SequenceOutput(j, logprobs=[] if params.logprobs is not None else None,
-                                    top_logprobs=[] if params.logprobs else None)
+                                    top_logprobs=[] if params.logprobs else None,
+                                    scores=[] if params.output_scores else None,
+                                    logits=[] if params.output_logits else None)
             sample = Sample(request, j, generator, stream, output)
             request.samples.append(sample)
             request.to_admit.append(sample)
@@ -366,10 +398,11 @@ class Engine:
     # ---- events -----------------------------------------------------------------------------------
 
     def _drain(self, request: Request) -> tuple[list[StreamEvent], bool]:
-        """(events so far, whether that is all of them); the caller holds self._cond."""
+        """(events so far, whether that is all of them); the caller holds self._cond. A request that
+        failed raises, whatever events it still had (they would end its stream as if it had not)."""
         events = list(request.events)
         request.events.clear()
-        if request.done and request.error is not None and not events:
+        if request.done and request.error is not None:
             raise EngineError(f"the engine failed: {request.error}") from request.error
         return events, request.done
 
@@ -385,8 +418,11 @@ class Engine:
             self.step()  # no background loop: drive the engine from this thread
 
     def _emit(self, request: Request, event: StreamEvent) -> None:
-        """Queue an event; consumers get this step's events together, at _publish."""
-        self._flush.setdefault(request.id, (request, []))[1].append(event)
+        """Queue an event; consumers get this step's events together, at _publish (a failed request's
+        consumers only learn that it ended)."""
+        events = self._flush.setdefault(request.id, (request, []))[1]
+        if request.error is None:
+            events.append(event)
 
     def _publish(self) -> None:
         """Hand this step's events to their consumers and wake them."""
@@ -512,9 +548,14 @@ class Engine:
         self.scheduler.admitted()
         if request.first_token_at is None:
             request.first_token_at = time.perf_counter()
-        choices = self._choose(request.logits.expand(take, -1), admitted)
-        for sample, choice in zip(admitted, choices):
-            self._take(sample, choice)
+        if request.beam is not None:  # all its beams at once: the first step of the search
+            self._beam_step(request, request.logits.expand(take, -1))
+        else:
+            choices = self._choose(request.logits.expand(take, -1), admitted)
+            stops = self._criteria(admitted, choices)
+            for i, (sample, choice) in enumerate(zip(admitted, choices)):
+                if not self._failed(sample):
+                    self._take(sample, choice, stops is not None and stops[i])
         if not request.to_admit:
             request.logits = None
         self._release_finished()  # samples done at their first token (eos, max_new_tokens=1)
@@ -554,13 +595,22 @@ class Engine:
 
     def _verify(self, rows: list[Row], logits: torch.Tensor, guesses: list[list[int]]) -> None:
         """Sample each running row's next token; where it checked guesses, keep sampling the following
-        positions while the sampled token equals the guess (see speculative.py)."""
+        positions while the sampled token equals the guess (see speculative.py). The rows of a beam
+        search take their step together."""
         samples = list(self.rows)
         offsets, at = [], 0
         for row in rows:
             offsets.append(at)
             at += row.logits_count
-        active = list(range(len(samples)))
+        active, beams = [], {}
+        for i, s in enumerate(samples):
+            if s.request.beam is None:
+                active.append(i)
+            else:
+                s.length += 1
+                beams.setdefault(s.request.id, (s.request, {}))[1][s.index] = offsets[i]
+        for request, where in beams.values():  # where[j]: the logits row of beam j
+            self._beam_step(request, logits[torch.tensor([where[j] for j in range(len(where))], device=logits.device)])
         depth = 0
         while active:
             index = [offsets[i] + depth for i in active]
@@ -568,17 +618,22 @@ class Engine:
                 block = logits[index[0] : index[0] + len(index)]
             else:
                 block = logits[torch.tensor(index)]
-            choices = self._choose(block, [samples[i] for i in active])
+            chosen = [samples[i] for i in active]
+            choices = self._choose(block, chosen)
+            stops = self._criteria(chosen, choices)
             following = []
-            for i, choice in zip(active, choices):
+            for k, (i, choice) in enumerate(zip(active, choices)):
                 s, g = samples[i], guesses[i]
                 s.length += 1  # the token fed at this depth is now part of the sequence
+                if self._failed(s):
+                    continue
+                stop = stops is not None and stops[k]
                 if depth < len(g) and choice.token == g[depth]:
                     self.spec_stats.accepted += 1
-                    if self._take(s, choice):
+                    if self._take(s, choice, stop):
                         following.append(i)
                 else:
-                    self._take(s, choice)
+                    self._take(s, choice, stop)
             active, depth = following, depth + 1
         for s, g in zip(samples, guesses):
             if g:
@@ -589,11 +644,58 @@ class Engine:
     def _choose(self, logits: torch.Tensor, samples: list[Sample]):
         banned = [s.request.banned if s.generated < s.request.params.min_new_tokens else () for s in samples]
         allowed = [s.request.allowed_first if s.generated == 0 else None for s in samples]
+        extras = None
+        if any(s.request.processors is not None for s in samples):
+            extras = [RowExtras(s.request.processors, s.context(), s.generated, s.request.id)
+                      if s.request.processors is not None else None for s in samples]
         return choose(logits, [s.request.params for s in samples], [s.generator for s in samples], self.seen,
-                      [s.row for s in samples], banned, self.counts, allowed)
+                      [s.row for s in samples], banned, self.counts, allowed, extras)
 
-    def _take(self, s: Sample, choice) -> bool:
-        """Append a chosen token to sample s (text, events, stop checks); False once it has finished."""
+    def _criteria(self, samples: list[Sample], choices) -> list[bool] | None:
+        """Which of the samples the stopping criteria of their requests end with their chosen tokens (None:
+        no request has any). Rows of one request and one length are judged together."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, s in enumerate(samples):
+            if s.request.processors is not None and s.request.processors.criteria:
+                groups.setdefault((s.request.id, s.generated), []).append(i)
+        if not groups:
+            return None
+        stops = [False] * len(samples)
+        for rows in groups.values():
+            procs = samples[rows[0]].request.processors
+            ids = torch.tensor([[*samples[i].context(), choices[i].token] for i in rows], device=self.device)
+            for i, hit in zip(rows, procs.stops(ids, torch.stack([choices[i].scores for i in rows]))):
+                stops[i] = hit
+        return stops
+
+    def _failed(self, s: Sample) -> bool:
+        """Whether a callable of s's request has failed (then the request is ended)."""
+        procs = s.request.processors
+        if procs is None or procs.failure is None:
+            return False
+        self._abort(s.request)
+        return True
+
+    def _abort(self, request: Request) -> None:
+        """End a request whose logits processor or stopping criterion failed: its handle raises an
+        EngineError from that failure; its running rows free their slots at the end of this step, the
+        rest of it goes at the next (as a cancellation)."""
+        if request.error is not None:
+            return
+        request.error = request.processors.failure
+        request.cancelled = True
+        for sample in request.samples:
+            if sample.row >= 0:
+                if request.beam is not None:
+                    self._end_beams(request, "cancelled")
+                else:
+                    self._finish(sample, "cancelled")
+        with self._cond:
+            self._cancels.append(request.id)
+
+    def _take(self, s: Sample, choice, stop: bool = False) -> bool:
+        """Append a chosen token to sample s (text, events, stop checks); False once it has finished.
+        stop: a stopping criterion ends it here."""
         token = choice.token
         s.pending = token
         s.generated += 1
@@ -607,6 +709,10 @@ class Engine:
             out.logprobs.append(choice.logprob)
             if out.top_logprobs is not None:
                 out.top_logprobs.append(choice.top)
+        if out.scores is not None:
+            out.scores.append(choice.scores)
+        if out.logits is not None:
+            out.logits.append(choice.logits)
         finish = None
         delta = ""
         if token in s.request.eos:
@@ -615,6 +721,8 @@ class Engine:
             delta = s.stream.push(token)
             if s.stream.stopped:
                 finish = "stop"
+        if finish is None and stop:
+            finish = "stop"
         if finish is None and s.generated >= s.request.max_new_tokens:
             finish = "length"
         logprobs = [choice.logprob] if out.logprobs is not None else None
@@ -640,15 +748,122 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for sample in self.rows:
             if sample.request.cancelled:
-                self._finish(sample, "cancelled")
+                if sample.request.beam is not None:
+                    self._end_beams(sample.request, "cancelled")
+                else:
+                    self._finish(sample, "cancelled")
         queued = [self.scheduler.ready, self.scheduler.staged, *self.scheduler.waiting]
         for request in [r for r in queued if r is not None and r.cancelled]:
             self.scheduler.drop(request)
+            if request.beam is not None:
+                self._end_beams(request, "cancelled")
             for sample in request.to_admit:
                 self._finish(sample, "cancelled")
             request.to_admit.clear()
             request.logits = None
         self._release_finished()
+
+    # ---- beam search ------------------------------------------------------------------------------
+
+    def _beam_step(self, request: Request, logits: torch.Tensor) -> None:
+        """One step of a request's beam search (engine/beams.py) from its beams' logits [k, V], in beam
+        order: choose the continuations, then move each beam's slot, bitmaps and tokens to the beam it
+        extends and append its token; or, when the search is over, publish the hypotheses."""
+        beam, params, samples = request.beam, request.params, request.samples
+        raw = logits.float()
+        logp = raw.log_softmax(dim=-1)
+        generated = beam.generated
+        k = len(samples)
+        where = torch.tensor([s.row for s in samples], device=self.device)
+        extras = None
+        if request.processors is not None:  # every beam has the same length
+            extras = [RowExtras(request.processors, s.context(), generated, request.id) for s in samples]
+        banned = [request.banned if generated < params.min_new_tokens else ()] * k
+        allowed = [request.allowed_first if generated == 0 else None] * k
+        scores = process(logp, params, self.seen, where, banned, allowed, self.counts, extras)
+        if request.processors is not None and request.processors.failure is not None:
+            self._abort(request)
+            return
+        if request.beam_scores is not None:
+            request.beam_scores.append(scores.clone())
+        if request.beam_logits is not None:
+            request.beam_logits.append(raw.clone())
+        found = beam.candidates(scores)
+        ended = self._beam_ends(request, found, scores)
+        if request.processors is not None and request.processors.failure is not None:
+            self._abort(request)
+            return
+        self._generated += k
+        step = beam.advance(found, ended, logp if params.logprobs is not None else None)
+        if step is None:
+            self._end_beams(request)
+            return
+        parents, _ = step
+        rows = [s.row for s in samples]
+        sources = [samples[p].row for p in parents]
+        self.cache.gather_slots(rows, sources, len(request.prompt_ids), samples[0].length)
+        rows_t, sources_t = torch.tensor(rows, device=self.device), torch.tensor(sources, device=self.device)
+        self.seen[rows_t] = self.seen[sources_t]
+        if params.counts_tokens:
+            self.counts[rows_t] = self.counts[sources_t]
+        for s, running in zip(samples, beam.running):
+            token = running.tokens[-1]
+            s.output.token_ids = running.tokens  # prompt + these = the context of the beam's slot
+            s.pending, s.generated = token, beam.generated
+            self.seen[s.row, token] = True
+            if params.counts_tokens:
+                self.counts[s.row, token] += 1
+
+    def _beam_ends(self, request: Request, found, scores: torch.Tensor) -> list[str | None]:
+        """Why each candidate continuation ends the beam it makes (None: it does not): an eos token, a
+        stop string in its text, a stopping criterion, the length limit."""
+        beam, params = request.beam, request.params
+        ended: list[str | None] = ["stop" if t in request.eos else None for t in found.tokens]
+        procs = request.processors
+        if params.stop or (procs is not None and procs.criteria):
+            running = [[*beam.running[p].tokens, t] for p, t in zip(found.parents, found.tokens)]
+        if params.stop:
+            for j, tokens in enumerate(running):
+                if ended[j] is None and find_stop(self._beam_text(request, tokens), params.stop) >= 0:
+                    ended[j] = "stop"
+        if procs is not None and procs.criteria:
+            ids = torch.tensor([request.prompt_ids + t for t in running], device=self.device)
+            parents = torch.tensor(found.parents, device=scores.device)
+            for j, hit in enumerate(procs.stops(ids, scores.index_select(0, parents))):
+                if hit and ended[j] is None:
+                    ended[j] = "stop"
+        if beam.generated + 1 >= request.max_new_tokens:
+            ended = [e or "length" for e in ended]
+        return ended
+
+    def _beam_text(self, request: Request, tokens: list[int]) -> str:
+        """The text of a beam's tokens, as a sample's stream would have it (before any stop cut)."""
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(tokens, skip_special_tokens=request.params.skip_special_tokens)
+        if request.healed and text.startswith(request.healed):
+            text = text[len(request.healed):]
+        return text
+
+    def _end_beams(self, request: Request, reason: str | None = None) -> None:
+        """Publish a beam search's outputs and mark its beams finished (their slots are freed by
+        _release_finished): the n best hypotheses, or with reason "cancelled" the n best running beams
+        so far."""
+        beam = request.beam
+        if all(s.finished for s in request.samples):
+            return
+        found = beam.hypotheses() if reason is None else [(b, None) for b in beam.running[:request.params.n]]
+        stops = request.params.stop
+        for j, (hyp, score) in enumerate(found):
+            text = self._beam_text(request, hyp.tokens)
+            cut = find_stop(text, stops) if stops else -1
+            out = SequenceOutput(j, list(hyp.tokens), text[:cut] if cut >= 0 else text, reason or hyp.reason,
+                                 hyp.logprobs, hyp.top, score=score, beam_indices=list(hyp.indices))
+            beam.outputs[j] = out
+            self._emit(request, StreamEvent(j, out.text, out.token_ids, out.finish_reason, out.logprobs,
+                                            out.top_logprobs))
+        for s in request.samples:
+            s.output.finish_reason = reason or "stop"
 
     def _release_finished(self) -> None:
         """Free the slots of finished samples (their keys and values go to the prefix cache first),

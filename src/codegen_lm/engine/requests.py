@@ -8,14 +8,20 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .beams import BeamSearch
 from .params import GenerationParams, RequestOutput, SequenceOutput, StreamEvent
+from .processors import RequestProcessors
 from .text import TextStream
 
 
 @dataclass
 class Sample:
+    """One running sequence: a sample of its request, or one of its running beams (in beam search the
+    request's samples are its beams, `output` holds the beam's current tokens, and what is returned is
+    Request.beam.outputs)."""
+
     request: Request
-    index: int  # which sample of its request
+    index: int  # which sample (beam) of its request
     generator: torch.Generator | None
     stream: TextStream | None
     output: SequenceOutput
@@ -55,6 +61,10 @@ class Request:
     logits: torch.Tensor | None = None  # the last prompt token's, once the prompt is prefilled
     prompt_logprobs: list[float] | None = None  # with params.prompt_logprobs, filled as chunks are prefilled
     prompt_top_logprobs: list[dict[int, float]] | None = None
+    processors: RequestProcessors | None = None  # with params.uses_processors
+    beam: BeamSearch | None = None  # with params.num_beams > 1
+    beam_scores: list[torch.Tensor] | None = None  # per step, with params.output_scores (beam search)
+    beam_logits: list[torch.Tensor] | None = None
     cancelled: bool = False
     scheduled_at: float | None = None
     first_token_at: float | None = None
@@ -70,6 +80,8 @@ class Request:
         return all(s.finished for s in self.samples)
 
     def output(self) -> RequestOutput:
-        return RequestOutput(self.id, list(self.prompt_ids), [s.output for s in self.samples], self.cached_tokens,
+        outputs = list(self.beam.outputs) if self.beam is not None else [s.output for s in self.samples]
+        return RequestOutput(self.id, list(self.prompt_ids), outputs, self.cached_tokens,
                              self.healed, self.prompt_logprobs, self.prompt_top_logprobs, self.submitted_at,
-                             self.scheduled_at, self.first_token_at, self.finished_at)
+                             self.scheduled_at, self.first_token_at, self.finished_at, self.beam_scores,
+                             self.beam_logits)

@@ -77,7 +77,7 @@ def _kernels_apply(model: nn.Module, cache: SlotCache) -> bool:
 
 def _block_weights(block: nn.Module) -> list[torch.Tensor]:
     attn, mlp = block.attn, block.mlp
-    return [block.ln_1.weight, block.ln_1.bias, attn.qkv.weight, mlp.fc_in.weight, mlp.fc_in.bias,
+    return [block.ln_1.weight, block.ln_1.bias, attn.qkv_proj.weight, mlp.fc_in.weight, mlp.fc_in.bias,
             attn.out_proj.weight, mlp.fc_out.weight, mlp.fc_out.bias]
 
 
@@ -176,7 +176,7 @@ def _run_kernels(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared
         attn, mlp, ln = block.attn, block.mlp, block.ln_1
         K, V = cache.keys[layer], cache.values[layer]
         h = F.layer_norm(x, width, ln.weight, ln.bias, ln.eps)
-        qkv = _product(attn.qkv, h, bf16=bf16)
+        qkv = _product(attn.qkv_proj, h, bf16=bf16)
         m = _product(mlp.fc_in, h, mlp.act, fused, bf16)
         a = torch.empty_like(x)
         if S:

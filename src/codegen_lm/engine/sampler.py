@@ -2,11 +2,13 @@
 
 The order and edge cases follow the `transformers` processors, so that the same settings mean the
 same distribution in both: repetition penalty on the raw logits, then OpenAI's presence and frequency
-penalties and logit bias (additive, so their order does not matter), eos banned before min_new_tokens
-and, after a healed prompt, the first token limited to those that extend it; then temperature, top-k
-(ties with the k-th kept) and top-p (the smallest set of most likely tokens whose probability exceeds
-p, at least one). Log-probabilities reported to the caller are the model's
-own: log-softmax of the raw logits.
+penalties and logit bias (additive, so their order does not matter), the n-gram ban and bad words,
+eos banned before min_new_tokens, suppressed tokens and, after a healed prompt, the first token
+limited to those that extend it (all of these bans commute), then the caller's logits processors
+(engine/processors.py); then temperature, top-k (ties with the k-th kept) and top-p (the smallest set
+of most likely tokens whose probability exceeds p, at least one). Log-probabilities reported to the
+caller are the model's own: log-softmax of the raw logits. `process` (the processors) is shared with
+beam search (engine/beams.py).
 
 Every row draws from its own generator and takes the same path whatever else is in the step, so what a
 sequence samples does not depend on its batch company (nor on whether speculative decoding is on:
@@ -22,6 +24,7 @@ import torch
 
 from ..kernels.draw import draw_rows
 from .params import GenerationParams
+from .processors import RowExtras, warp
 
 CANDIDATES = 256  # top-k/top-p look at this many most likely tokens first, at all of them only if needed
 
@@ -31,6 +34,8 @@ class RowChoice:
     token: int
     logprob: float | None = None
     top: dict[int, float] | None = None
+    scores: torch.Tensor | None = None  # [V] float32: the processed scores (see choose)
+    logits: torch.Tensor | None = None  # [V] float32: the raw logits
 
 
 def penalise_seen(scores: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -125,6 +130,51 @@ def draw(scores: torch.Tensor, top_k: int, top_p: float, generators: Sequence[to
     return tokens  # type: ignore[return-value]
 
 
+def process(
+    raw: torch.Tensor,
+    settings: GenerationParams,
+    seen: torch.Tensor,
+    where: torch.Tensor | None,
+    banned: Sequence[Sequence[int]],
+    allowed: Sequence[torch.Tensor | None],
+    counts: torch.Tensor | None = None,
+    extras: Sequence[RowExtras] | None = None,
+) -> torch.Tensor:
+    """The logits processors (not the warpers), in transformers' order, on `raw` [rows, V] float32 of
+    rows sharing `settings` (logits when sampling, log-probabilities in beam search); `raw` itself is
+    never modified. where: the rows' rows of `seen` / `counts` (needed with a repetition penalty or
+    OpenAI's penalties). banned[i]: ids row i may not pick (eos before min_new_tokens); allowed[i]:
+    None or a [V] bool mask of the only ids it may pick. extras: with settings.uses_processors, each
+    row's context etc. (one request, one length: the rows of a caller's processors)."""
+    scores = raw
+    if settings.repetition_penalty != 1.0:
+        scores = penalise_seen(raw, seen.index_select(0, where), settings.repetition_penalty)
+    if settings.counts_tokens:
+        scores = penalise_counts(scores, counts.index_select(0, where), settings.presence_penalty,
+                                 settings.frequency_penalty)
+    if settings.logit_bias:
+        bias = torch.zeros(scores.shape[-1], dtype=scores.dtype, device=scores.device)
+        bias[list(settings.logit_bias)] = torch.tensor(list(settings.logit_bias.values()), dtype=scores.dtype)
+        scores = scores + bias
+    procs = extras[0].processors if extras else None
+    ids = None
+    if procs is not None and procs.needs_ids:
+        ids = torch.tensor([e.context for e in extras], dtype=torch.long, device=scores.device)
+    if (procs is not None and procs.bans) or any(banned) or any(m is not None for m in allowed):
+        if scores is raw:  # raw (maybe the caller's logits) stays intact, for logprobs
+            scores = raw.clone()
+        if procs is not None and procs.bans:
+            procs.mask(scores, ids, [e.generated for e in extras])
+        for i, (ban, mask) in enumerate(zip(banned, allowed)):
+            if ban:
+                scores[i, list(ban)] = float("-inf")
+            if mask is not None:
+                scores[i].masked_fill_(~mask, float("-inf"))
+    if procs is not None and procs.user:  # on a copy: callables may write into the scores they get
+        scores = procs.apply_user(scores.clone() if scores is raw else scores, ids)
+    return scores
+
+
 def choose(
     logits: torch.Tensor,
     params: Sequence[GenerationParams],
@@ -134,6 +184,7 @@ def choose(
     banned: Sequence[Sequence[int]],
     counts: torch.Tensor | None = None,
     allowed: Sequence[torch.Tensor | None] | None = None,
+    extras: Sequence[RowExtras | None] | None = None,
 ) -> list[RowChoice]:
     """The next token of each row of `logits` [rows, V].
 
@@ -141,43 +192,36 @@ def choose(
     seen[seen_rows[r]]: bitmap of the tokens row r has seen (prompt and sample), for the repetition
     penalty; counts[seen_rows[r]]: how often row r generated each token, for the presence and
     frequency penalties. banned[r]: token ids row r may not pick now (eos before min_new_tokens);
-    allowed[r]: None, or a [V] bool mask of the only tokens row r may pick. Rows with the same
-    settings object are processed together.
+    allowed[r]: None, or a [V] bool mask of the only tokens row r may pick. extras[r]: for rows whose
+    settings use engine/processors.py (None for the others, or no list at all). Rows with the same
+    settings object are processed together (and, with extras, of the same request and length).
+    RowChoice.scores / .logits are set where the settings ask to record them (scores also for the
+    stopping criteria).
     """
     out: list[RowChoice | None] = [None] * logits.shape[0]
-    groups: dict[int, list[int]] = {}
+    groups: dict[object, list[int]] = {}
     for r, p in enumerate(params):
-        groups.setdefault(id(p), []).append(r)
+        extra = extras[r] if extras is not None else None
+        key = id(p) if extra is None else (id(p), extra.key, len(extra.context))
+        groups.setdefault(key, []).append(r)
     everything = len(groups) == 1
+    masks = allowed or [None] * logits.shape[0]
     for rows in groups.values():
         settings = params[rows[0]]
         index = torch.tensor(rows, device=logits.device)
         raw = (logits if everything else logits.index_select(0, index)).float()  # a copy only where needed
-        scores = raw
+        where = None
         if settings.repetition_penalty != 1.0 or settings.counts_tokens:
             where = torch.tensor([seen_rows[r] for r in rows], device=logits.device)
-        if settings.repetition_penalty != 1.0:
-            scores = penalise_seen(raw, seen.index_select(0, where), settings.repetition_penalty)
-        if settings.counts_tokens:
-            scores = penalise_counts(scores, counts.index_select(0, where), settings.presence_penalty,
-                                     settings.frequency_penalty)
-        if settings.logit_bias:
-            bias = torch.zeros(scores.shape[-1], dtype=scores.dtype, device=scores.device)
-            bias[list(settings.logit_bias)] = torch.tensor(list(settings.logit_bias.values()), dtype=scores.dtype)
-            scores = scores + bias
-        masks = allowed or [None] * logits.shape[0]
-        if any(banned[r] or masks[r] is not None for r in rows):
-            if scores is raw:  # raw (maybe the caller's logits) stays intact, for logprobs
-                scores = raw.clone()
-            for i, r in enumerate(rows):
-                if banned[r]:
-                    scores[i, list(banned[r])] = float("-inf")
-                if masks[r] is not None:
-                    scores[i].masked_fill_(~masks[r], float("-inf"))
+        scores = process(raw, settings, seen, where, [banned[r] for r in rows], [masks[r] for r in rows], counts,
+                         [extras[r] for r in rows] if extras is not None and extras[rows[0]] is not None else None)
+        record = settings.output_scores or bool(settings.stopping_criteria)
         if settings.greedy:
             tokens = scores.argmax(dim=-1).tolist()
         else:
             tokens = draw(scores / settings.temperature, settings.top_k, settings.top_p, [generators[r] for r in rows])
+            if record:
+                scores = warp(scores, settings.temperature, settings.top_k, settings.top_p)
         n_logprobs = settings.logprobs
         if n_logprobs is not None:
             logp = raw.log_softmax(dim=-1)
@@ -189,5 +233,9 @@ def choose(
                 choice.logprob = chosen[i]
                 if top is not None:
                     choice.top = dict(zip(top.indices[i].tolist(), top.values[i].tolist()))
+            if record:
+                choice.scores = scores[i].clone()
+            if settings.output_logits:
+                choice.logits = raw[i].clone()
             out[r] = choice
     return out  # type: ignore[return-value]

@@ -13,7 +13,8 @@ at least every ~4 steps (a fixed `prefill_chunk` overrides this; until both cost
 are measured, chunks are FIRST_CHUNK tokens). What a prompt
 token costs against a decode step differs by an order of magnitude between CPUs (compute against
 memory bandwidth: AVX2, AVX-512, AMX) and little between model sizes, so it is measured where it runs.
-Once prefilled, the prompt's samples take free slots (a copy of its keys and values each). There are
+Once prefilled, the prompt's samples take free slots (a copy of its keys and values each; the k beams
+of a beam search take k slots together, once k are free). There are
 two staging slots: while the samples of a prefilled prompt wait for slots to free (`ready`), the next
 prompt is already prefilled in the other (`staged`), so a full batch does not stop prefill.
 """
@@ -108,11 +109,15 @@ class Scheduler:
         return request.prefilled, min(len(request.prompt_ids), request.prefilled + self.chunk_size(running))
 
     def admissions(self, running: int) -> int:
-        """How many samples of the ready request take slots now."""
+        """How many samples of the ready request take slots now (the beams of a beam search all at once,
+        or none)."""
         request = self.ready
         if request is None:
             return 0
-        return min(len(request.to_admit), self.max_batch - running)
+        free = self.max_batch - running
+        if request.beam is not None:
+            return len(request.to_admit) if len(request.to_admit) <= free else 0
+        return min(len(request.to_admit), free)
 
     def prefilled(self) -> None:
         """The staged prompt has been prefilled: it becomes ready if that place is free."""

@@ -13,8 +13,8 @@ prompt arriving never stalls the running streams (allocating and zeroing gigabyt
 seconds), and a slot only costs memory for the positions it has used. On a GPU the time dimension
 grows by doubling instead.
 
-Copies between slots (a prompt's keys and values to each of its samples) and in and out of the prefix
-cache's blocks are one copy per tensor, all layers at once.
+Copies between slots (a prompt's keys and values to each of its samples, beams reordered to the beams
+they extend) and in and out of the prefix cache's blocks are one copy per tensor, all layers at once.
 """
 
 from __future__ import annotations
@@ -94,6 +94,18 @@ class SlotCache:
         if src != dst and length:
             self.k[:, dst, :, :length] = self.k[:, src, :, :length]
             self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def gather_slots(self, dst: list[int], src: list[int], start: int, end: int) -> None:
+        """Slot dst[i] takes positions start..end-1 of slot src[i], all at once (the beams of a beam
+        search moving to the beams they extend: src may repeat and overlap dst, every slot is read
+        before any is written). Pairs with dst[i] == src[i] cost nothing."""
+        pairs = [(d, s) for d, s in zip(dst, src) if d != s]
+        if not pairs or end <= start:
+            return
+        to = torch.tensor([d for d, _ in pairs], device=self.device)
+        frm = torch.tensor([s for _, s in pairs], device=self.device)
+        for t in (self.k, self.v):
+            t[:, to, :, start:end] = t[:, frm, :, start:end]  # the right side is a copy
 
     def read(self, slot: int, start: int, end: int, out: torch.Tensor) -> None:
         """Positions start..end-1 of `slot` into out [2, layers, heads, end - start, head_dim]."""
