@@ -109,7 +109,8 @@ def test_save_pretrained_round_trips_through_transformers(hf_model, tmp_path):
     assert torch.equal(logits(CodeGenForCausalLM.from_pretrained(tmp_path / "sharded")), logits(ours))
     # saving unsharded over a sharded save removes the stale shards and index
     ours.save_pretrained(tmp_path / "sharded")
-    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "sharded").iterdir()) == ["config.json", "generation_config.json",
+                                                                        "model.safetensors"]
 
 
 def test_fp16_save_and_tied_embeddings(tmp_path):

@@ -29,7 +29,7 @@ SAFETENSORS = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN = "pytorch_model.bin"
 # Our fused projection's tensors whose rows are permuted between the HF layout and ours.
-QKV_KEYS = (".attn.qkv.weight", ".attn.qkv.weight_scale")
+QKV_KEYS = (".attn.qkv_proj.weight", ".attn.qkv_proj.weight_scale")
 # Buffers old checkpoints carry that hold no learned weights.
 LEGACY_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".attn.causal_mask")
 
@@ -292,20 +292,19 @@ def qkv_permutation(config: CodeGenConfig) -> torch.Tensor:
 
 
 def _internal_key(hf_key: str, has_lm_head: bool) -> str | None:
-    """Map an HF state-dict key to ours; None for keys we ignore."""
+    """Map an HF state-dict key to ours (the same module names; only the prefix of a bare
+    CodeGenModel differs); None for keys we ignore."""
     if hf_key.endswith(LEGACY_BUFFER_SUFFIXES):
         return None
-    key = hf_key.replace(".attn.qkv_proj.", ".attn.qkv.")
     if not has_lm_head:  # a bare CodeGenModel: no prefix, no head
-        if key.startswith("lm_head."):
+        if hf_key.startswith("lm_head."):
             return None
-        key = key.removeprefix("transformer.")
-    return key
+        return hf_key.removeprefix("transformer.")
+    return hf_key
 
 
 def _hf_key(internal_key: str, has_lm_head: bool) -> str:
-    key = internal_key.replace(".attn.qkv.", ".attn.qkv_proj.")
-    return key if has_lm_head else "transformer." + key
+    return internal_key if has_lm_head else "transformer." + internal_key
 
 
 def _config_of(model: torch.nn.Module) -> CodeGenConfig:
@@ -652,6 +651,9 @@ def hf_state_dict(
         tied = has_lm_head and _config_of(model).tie_word_embeddings
         items = [(k, v) for k, v in state_dict.items() if not (tied and k == "lm_head.weight")]
     for key, param in items:
+        if key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise ValueError(f"the model has LoRA layers ({key}): merge them first (codegen_lm.lora.merge_lora) "
+                             "or save the adapter alone (codegen_lm.lora.save_adapter)")
         tensor = param.detach()
         if key.endswith(QKV_KEYS):
             tensor = tensor[inverse]

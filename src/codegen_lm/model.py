@@ -11,7 +11,7 @@ permuted alike).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,26 +20,20 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .config import CodeGenConfig
+from .generation_config import GenerationConfig
 from .kv_cache import KVCache
+from .outputs import ModelOutput
 
 
 @dataclass
-class _Output:
-    def __getitem__(self, key: str | int) -> Any:
-        if isinstance(key, str):
-            return getattr(self, key)
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)[key]
-
-
-@dataclass
-class BaseModelOutput(_Output):
+class BaseModelOutput(ModelOutput):
     last_hidden_state: torch.Tensor
     past_key_values: KVCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
-class CausalLMOutput(_Output):
+class CausalLMOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: KVCache | None = None
@@ -116,7 +110,7 @@ class CodeGenAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.dropout = config.attn_pdrop
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # [q; k; v], see module doc
+        self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)  # [q; k; v], see module doc
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(
@@ -129,7 +123,7 @@ class CodeGenAttention(nn.Module):
         cache: KVCache | None,
     ) -> torch.Tensor:
         B, T, E = x.shape
-        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim)
+        qkv = self.qkv_proj(x).view(B, T, 3, self.n_head, self.head_dim)
         q, k = apply_rotary(qkv[:, :, :2], cos[:, :, None], sin[:, :, None]).transpose(1, 3).unbind(2)
         v = qkv[:, :, 2].transpose(1, 2)
         if cache is not None:  # anything with update(layer, k, v) -> all keys and values to attend to
@@ -172,6 +166,7 @@ class CodeGenPreTrainedModel(nn.Module):
         super().__init__()
         self.config = config
         self.name_or_path: str | None = None
+        self.generation_config = GenerationConfig.from_model_config(config)  # generate's defaults
 
     @property
     def device(self) -> torch.device:
@@ -195,6 +190,85 @@ class CodeGenPreTrainedModel(nn.Module):
         """Share lm_head.weight with the embedding when the config asks for it."""
         if self.config.tie_word_embeddings and hasattr(self, "lm_head"):
             self.lm_head.weight = self.transformer.wte.weight
+
+    # ---- embeddings (the `transformers` accessors) --------------------------------------------------
+
+    def _base(self) -> CodeGenModel:
+        return self.transformer if hasattr(self, "transformer") else self  # type: ignore[return-value]
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (`transformer.wte`)."""
+        return self._base().wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self._base().wte = value
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The language-model head (`lm_head`); None for a bare CodeGenModel."""
+        return getattr(self, "lm_head", None)
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        if not hasattr(self, "lm_head"):
+            raise AttributeError(f"{type(self).__name__} has no output embeddings (no lm_head)")
+        self.lm_head = value
+
+    @torch.no_grad()
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Embedding:
+        """Grow or shrink the vocabulary to `new_num_tokens` rows (rounded up to a multiple of
+        `pad_to_multiple_of`), in the embedding and the lm_head (weight and bias); config.vocab_size
+        follows. Returns the embedding module. Existing rows are kept; rows added are drawn as
+        `transformers` draws them (the same random numbers in the same order, so the same values for
+        the same RNG state): with `mean_resizing`, from a normal distribution with the old rows' mean
+        and 1e-9 times their covariance (the bias: the old mean, 1e-9 times the old std), else
+        N(0, initializer_range) weights and a zero bias; with tied embeddings the head's new bias
+        entries are 0. Nothing changes when both sizes are None."""
+        embeddings = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return embeddings
+        if not isinstance(embeddings, nn.Embedding):
+            raise TypeError(f"cannot resize a token embedding of type {type(embeddings).__name__}")
+        if new_num_tokens is None:
+            new_num_tokens = embeddings.num_embeddings
+        if not _positive_int(new_num_tokens):
+            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
+        if pad_to_multiple_of is not None:
+            if not _positive_int(pad_to_multiple_of):
+                raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        head = self.get_output_embeddings()
+        if head is not None and not isinstance(head, nn.Linear):
+            raise TypeError(f"cannot resize an lm_head of type {type(head).__name__} (resize before quantizing)")
+        old_num_tokens = embeddings.num_embeddings
+        tied = head is not None and head.weight is embeddings.weight
+        if new_num_tokens != old_num_tokens:
+            std = self.config.initializer_range
+            added = new_num_tokens - old_num_tokens
+            weight = embeddings.weight
+            new = nn.Embedding(new_num_tokens, weight.shape[1], device=weight.device, dtype=weight.dtype).weight
+            if added > 0:
+                if mean_resizing:
+                    new[old_num_tokens:] = _rows_like(weight, added)
+                else:
+                    new.normal_(0.0, std)
+            new[: min(old_num_tokens, new_num_tokens)] = weight[:new_num_tokens]
+            embeddings.weight = nn.Parameter(new, requires_grad=weight.requires_grad)
+            embeddings.num_embeddings = new_num_tokens
+            if embeddings.padding_idx is not None and embeddings.padding_idx >= new_num_tokens:
+                embeddings.padding_idx = None
+            if tied:  # the weight is the embedding's; the bias keeps its rows, new ones 0 (as transformers)
+                if head.bias is not None:
+                    bias = torch.zeros(new_num_tokens, dtype=head.bias.dtype, device=head.bias.device)
+                    keep = min(old_num_tokens, new_num_tokens)
+                    bias[:keep] = head.bias[:keep]
+                    head.bias = nn.Parameter(bias, requires_grad=head.bias.requires_grad)
+                head.out_features = new_num_tokens
+            elif head is not None:
+                self.set_output_embeddings(_resized_head(head, new_num_tokens, mean_resizing, std))
+        self.config.vocab_size = new_num_tokens
+        self.tie_weights()
+        return embeddings
 
     def init_weights(self) -> None:
         """The reference initialisation: N(0, initializer_range) weights, zero biases, unit LayerNorms."""
@@ -239,15 +313,18 @@ class CodeGenPreTrainedModel(nn.Module):
         torch_dtype is the older `transformers` name of the same argument. quantize="int8" swaps every
         Linear for int8 weight-only storage (see quantize.py); int8 checkpoints load as such.
         """
-        from .checkpoint import load_pretrained
+        from .checkpoint import load_pretrained, resolve_model_dir
 
         if torch_dtype is not None:
             if dtype is not None:
                 raise ValueError("pass dtype or torch_dtype, not both")
             dtype = torch_dtype
 
-        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, strict=strict,
-                               revision=revision, cache_dir=cache_dir, quantize=quantize)
+        model = load_pretrained(cls, name_or_path, dtype=dtype, device=device, strict=strict,
+                                revision=revision, cache_dir=cache_dir, quantize=quantize)
+        folder = resolve_model_dir(name_or_path, revision=revision, cache_dir=cache_dir)
+        model.generation_config = GenerationConfig.from_pretrained(folder, model.config)
+        return model
 
     def save_pretrained(
         self,
@@ -259,6 +336,8 @@ class CodeGenPreTrainedModel(nn.Module):
         from .checkpoint import save_pretrained
 
         save_pretrained(self, folder, max_shard_size=max_shard_size, state_dict=state_dict)
+        if hasattr(self, "lm_head"):  # models that generate carry their defaults along, as transformers does
+            self.generation_config.save_pretrained(folder)
 
 
 class CodeGenModel(CodeGenPreTrainedModel):
@@ -418,11 +497,64 @@ class CodeGenForCausalLM(CodeGenPreTrainedModel):
         return CausalLMOutput(loss, logits, out.past_key_values, out.hidden_states)
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        """Continue `input_ids` ([B, T], left-padded with an attention_mask): see `generation.generate`."""
+    def generate(self, inputs: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Continue `inputs` / `input_ids` ([B, T], left-padded with an attention_mask): see
+        `generation.generate` (token ids, or with return_dict_in_generate an output object)."""
         from .generation import generate
 
-        return generate(self, input_ids, **kwargs)
+        return generate(self, inputs, **kwargs)
+
+    def compute_transition_scores(self, sequences: torch.Tensor, scores: tuple[torch.Tensor, ...],
+                                  beam_indices: torch.Tensor | None = None,
+                                  normalize_logits: bool = False) -> torch.Tensor:
+        """Each generated token's score from generate's `scores`: see `generation.compute_transition_scores`."""
+        from .generation import compute_transition_scores
+
+        return compute_transition_scores(sequences, scores, beam_indices, normalize_logits)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _rows_like(weight: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` new rows for a matrix of token rows, as `transformers` draws them: from N(mean of the
+    rows, 1e-9 x their covariance) when that covariance is positive definite, else the mean itself."""
+    rows = weight.float()
+    mean = rows.mean(dim=0)
+    centred = rows - mean
+    covariance = 1e-9 * (centred.T @ centred / rows.shape[0])
+    if bool(torch.distributions.constraints.positive_definite.check(covariance).all()):
+        normal = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance)
+        return normal.sample((count,)).to(weight.dtype)
+    return mean[None].expand(count, -1).to(weight.dtype)
+
+
+def _resized_head(head: nn.Linear, new_num_tokens: int, mean_resizing: bool, std: float) -> nn.Linear:
+    """A new (untied) lm_head of `new_num_tokens` outputs holding the old rows (weight and bias), the
+    added ones initialised as resize_token_embeddings says."""
+    weight, bias = head.weight, head.bias
+    old_num_tokens = head.out_features
+    added = new_num_tokens - old_num_tokens
+    new = nn.Linear(weight.shape[1], new_num_tokens, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    new.requires_grad_(False)
+    if added > 0 and mean_resizing:
+        new.weight[old_num_tokens:] = _rows_like(weight, added)
+        if bias is not None:
+            mean, spread = bias.float().mean(), bias.std().float()
+            new.bias[old_num_tokens:].normal_(float(mean), 1e-9 * float(spread))
+    elif added > 0:
+        new.weight.normal_(0.0, std)
+        if bias is not None:
+            new.bias.zero_()
+    keep = min(old_num_tokens, new_num_tokens)
+    new.weight[:keep] = weight[:keep]
+    if bias is not None:
+        new.bias[:keep] = bias[:keep]
+    new.weight.requires_grad_(weight.requires_grad)
+    if bias is not None:
+        new.bias.requires_grad_(bias.requires_grad)
+    return new
 
 
 def _check_ids(ids: torch.Tensor, vocab_size: int, name: str) -> torch.Tensor:

@@ -83,6 +83,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     cpus = os.cpu_count() or 1
     parser.add_argument("--threads", type=number(int, 1, cpus, what=f"must be in [1, {cpus}], this machine's CPUs"),
                         default=None, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--adapter", metavar="DIR", default=None,
+                        help="a LoRA adapter folder (adapter_config.json + adapter_model.safetensors, ours or "
+                             "peft's) to merge into the model's weights")
     parser.add_argument("--random-weights", action="store_true",
                         help="build the model's shape with random weights instead of loading them "
                              "(for trying things out; the output is gibberish)")
@@ -147,7 +150,13 @@ def load_model(args: argparse.Namespace):
         if not 1 <= args.threads <= (os.cpu_count() or 1):
             raise CliError(f"--threads must be in [1, {os.cpu_count() or 1}], got {args.threads}")
         torch.set_num_threads(args.threads)
+    adapter = getattr(args, "adapter", None)
+    quantize = None if adapter else args.quantize  # int8 after the adapter is merged into the weights
     try:
+        if adapter:
+            from ..lora import read_adapter
+
+            read_adapter(adapter)  # a bad adapter folder is reported before the model is loaded
         if args.random_weights:
             config = CodeGenConfig.from_pretrained(args.model)
             dtype = _dtype(args.dtype)
@@ -156,13 +165,21 @@ def load_model(args: argparse.Namespace):
             torch.manual_seed(getattr(args, "seed", None) or 0)
             model = CodeGenForCausalLM.from_config(config, dtype=dtype, device=device).eval()
             model.name_or_path = args.model
-            if args.quantize:
+            if quantize:
                 from ..quantize import quantize_model
 
                 quantize_model(model)
         else:
             model = CodeGenForCausalLM.from_pretrained(args.model, dtype=args.dtype, device=device,
-                                                       quantize=args.quantize)
+                                                       quantize=quantize)
+        if adapter:
+            from ..lora import load_adapter
+
+            load_adapter(model, adapter, merge=True)
+            if args.quantize:
+                from ..quantize import quantize_model
+
+                quantize_model(model)
     except (CheckpointError, ModelNotFoundError, OSError, ValueError, RuntimeError, MemoryError) as exc:
         raise CliError(one_line(exc)) from None
     try:

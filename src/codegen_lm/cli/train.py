@@ -56,5 +56,9 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # e.g. an out_dir that cannot be created
         where = f"{exc.filename}: " if exc.filename else ""
         raise CliError(f"{where}{exc.strerror or exc}") from None
-    print(f"final checkpoint: {final}")
+    print(f"final {'adapter' if cfg.lora_r else 'checkpoint'}: {final}")
+    if cfg.lora_merge:
+        from ..training.checkpoints import MERGED
+
+        print(f"merged checkpoint: {final.parent / MERGED}")
     return 0

@@ -2,7 +2,9 @@
 steps since the last checkpoint, and never a checkpoint or a log line from before it.
 
 Layout: OUT/log.jsonl (one JSON record a line, appended), OUT/checkpoints/step-N/ (HF layout plus
-trainer_state.pt), OUT/checkpoints/latest (the name of the newest complete checkpoint), OUT/final/.
+trainer_state.pt; a LoRA run's hold its adapter in peft's files instead of the weights),
+OUT/checkpoints/latest (the name of the newest complete checkpoint), OUT/final/ (and a LoRA run's
+OUT/merged/ with lora_merge).
 
 A checkpoint is written into `step-N.tmp`, every file fsynced and listed with its SHA-256 in SHA256SUMS
 (written last, so its presence means the folder is complete; `sha256sum -c SHA256SUMS` checks it by
@@ -29,10 +31,12 @@ from typing import Any
 import torch
 
 from ..checkpoint import find_weight_files, iter_tensors
+from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 FINAL = "final"
+MERGED = "merged"  # a LoRA run's final weights with the adapter folded in
 LOG = "log.jsonl"
 STATE = "trainer_state.pt"
 SUMS = "SHA256SUMS"
@@ -235,7 +239,7 @@ def recover(out: Path) -> None:
     version of a folder being replaced: it is stale if `X` exists (deleted), and the only copy of that
     step if the kill came between the two renames (renamed back to `X`)."""
     root = out / CHECKPOINTS
-    for folder, is_ours in ((root, lambda n: STEP_DIR.fullmatch(n) is not None), (out, lambda n: n == FINAL)):
+    for folder, is_ours in ((root, lambda n: STEP_DIR.fullmatch(n) is not None), (out, lambda n: n in (FINAL, MERGED))):
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
@@ -275,7 +279,7 @@ def check_checkpoint(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
                 return None, f"{path} is missing"
             if _hash(path) != digest:
                 return None, f"{path} is corrupt (its SHA-256 differs from {SUMS})"
-    elif not (folder / "config.json").is_file():
+    elif not (folder / "config.json").is_file() and not (folder / ADAPTER_CONFIG).is_file():
         return None, f"{folder / 'config.json'} is missing"
     path = folder / STATE
     if not path.is_file():
@@ -290,7 +294,8 @@ def check_checkpoint(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
         return None, f"{path} holds step {state['step']}, not {step_of(folder)}"
     if not sums.is_file():
         try:
-            for weights in find_weight_files(folder):
+            files = [folder / ADAPTER_WEIGHTS] if (folder / ADAPTER_CONFIG).is_file() else find_weight_files(folder)
+            for weights in files:
                 for _ in iter_tensors(weights):
                     pass
         except Exception as exc:

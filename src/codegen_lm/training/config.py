@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
@@ -34,6 +35,13 @@ class TrainConfig:
     vocab_size: int | None = None  # default: the tokenizer's size rounded up to a multiple of 64
     tie_word_embeddings: bool = False
     dropout: float = 0.0
+    # LoRA: with lora_r > 0, train rank-r adapters on the lora_targets Linear layers of the model (usually
+    # init_from's pretrained weights), every other weight frozen; checkpoints then hold the adapter (peft's format)
+    lora_r: int = 0
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0
+    lora_targets: str = "qkv_proj,out_proj,fc_in,fc_out"
+    lora_merge: bool = False  # also write OUT/merged: the model with the final adapter folded in
     # batch and length
     seq_len: int = 256
     batch_size: int = 16  # sequences per process per micro-step
@@ -87,6 +95,19 @@ class TrainConfig:
                 fail(name, "must be in [0, 1)")
         if not 0 <= self.dropout < 1:
             fail("dropout", "must be in [0, 1)")
+        if not isinstance(self.lora_r, int) or isinstance(self.lora_r, bool) or self.lora_r < 0:
+            fail("lora_r", "must be an integer >= 0 (0: train every weight)")
+        def real(value: object) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if not real(self.lora_alpha) or self.lora_alpha <= 0:
+            fail("lora_alpha", "must be a number > 0")
+        if not real(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            fail("lora_dropout", "must be in [0, 1)")
+        if self.lora_r and not (isinstance(self.lora_targets, str) and self.lora_targets.replace(",", "").strip()):
+            fail("lora_targets", "must name the Linear layers to adapt, e.g. qkv_proj,out_proj,fc_in,fc_out")
+        if self.lora_merge and not self.lora_r:
+            fail("lora_merge", "needs LoRA training (lora_r > 0)")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             fail("precision", "must be auto, fp32, bf16 or fp16")
         if self.parallel not in ("ddp", "fsdp"):

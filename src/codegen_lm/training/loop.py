@@ -24,11 +24,12 @@ from torch import nn
 
 from ..checkpoint import find_weight_files, load_weights
 from ..config import CodeGenConfig
+from ..lora import apply_lora, load_adapter, lora_state_dict, merged_state_dict, parse_targets, save_adapter
 from ..model import CodeGenForCausalLM
 from ..tokenizer import CodeGenTokenizerFast
 from . import checkpoints as C
 from . import distributed as D
-from .checkpoints import CHECKPOINTS, FINAL, LOG, STATE, TrainingError
+from .checkpoints import CHECKPOINTS, FINAL, LOG, MERGED, STATE, TrainingError
 from .config import TrainConfig
 from .data import TOKENIZER_DIR, TokenWindows, read_manifest
 
@@ -70,13 +71,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def training_flops_per_token(config: CodeGenConfig, seq_len: int) -> float:
+def training_flops_per_token(config: CodeGenConfig, seq_len: int, lora_params: int = 0) -> float:
     """Forward + backward FLOPs per token: 6 x the matmul parameters (all but the embedding lookup)
     plus causal attention, 6 * layers * n_embd * seq_len (half of PaLM's 12 * ..., since a causal
-    kernel computes only the scores below the diagonal)."""
+    kernel computes only the scores below the diagonal). With LoRA (lora_params > 0) the frozen
+    weights get no weight gradients: 4 x theirs (forward and input gradients), 6 x the adapters'."""
     E, L, V, inner = config.n_embd, config.n_layer, config.vocab_size, config.inner_dim
     per_layer = 3 * E * E + E * E + 2 * E * inner
-    return 6 * (L * per_layer + E * V) + 6 * L * E * seq_len
+    factor = 4 if lora_params else 6
+    return factor * (L * per_layer + E * V) + 6 * lora_params + 6 * L * E * seq_len
 
 
 def measure_matmul_peak(device: torch.device, size: int = 2048, repeats: int = 8) -> float:
@@ -129,6 +132,9 @@ def build_model(cfg: TrainConfig, vocab_size: int, eos_id: int) -> CodeGenForCau
         torch.manual_seed(cfg.seed)
         model = CodeGenForCausalLM.from_config(config)
     set_dropout(model, cfg.dropout)
+    if cfg.lora_r:  # after set_dropout, which would set the adapters' dropout too
+        torch.manual_seed(cfg.seed)  # every process draws the same lora_A (FSDP does not broadcast it)
+        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_targets, cfg.lora_dropout)
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"the model's vocabulary ({model.config.vocab_size}) is smaller than the data's "
                          f"tokenizer ({vocab_size} tokens)")
@@ -193,7 +199,10 @@ def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> Path:
     if resume_from is not None:
         state = picked.pop("state", None) or torch.load(resume_from / STATE, map_location="cpu", weights_only=True)
         _check_resumable(state, cfg, global_batch, manifest)
-        load_weights(model, find_weight_files(resume_from))
+        if cfg.lora_r:
+            load_adapter(model, resume_from, merge=False, trainable=True)
+        else:
+            load_weights(model, find_weight_files(resume_from))
     model.to(env.device)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
@@ -226,12 +235,15 @@ def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> Path:
         C.trim_log(out / LOG, start_step)
         with C.writing(out / "train_config.json"):
             C.write_atomic(out / "train_config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-    flops_per_token = training_flops_per_token(model.config, cfg.seq_len)
+    lora_params = sum(p.numel() for p in lora_state_dict(model).values())
+    flops_per_token = training_flops_per_token(model.config, cfg.seq_len, lora_params)
     peak = cfg.peak_flops or measure_matmul_peak(env.device)
     tokens_per_step = global_batch * cfg.seq_len
     if env.is_main:
         n_params = model.num_parameters()
         mode = cfg.parallel if world > 1 else "single"
+        if lora_params:
+            mode += f"; LoRA r={cfg.lora_r} on {cfg.lora_targets}: {lora_params:,} trained"
         print(f"codegen-lm train: {n_params:,} parameters, {world} process(es) ({mode}),"
               f" global batch {global_batch} x {cfg.seq_len} tokens, steps {start_step}->{cfg.max_steps}, "
               f"{train_data.total:,} training tokens", file=sys.stderr)
@@ -300,6 +312,9 @@ def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> Path:
     final = out / FINAL
     _save(final, model, net, optimizer, scheduler, cfg.max_steps, global_batch, manifest, cfg, env, tokenizer,
           training_state=False)
+    if cfg.lora_merge:
+        _save(out / MERGED, model, net, optimizer, scheduler, cfg.max_steps, global_batch, manifest, cfg, env,
+              tokenizer, training_state=False, merge=True)
     if env.is_main:
         plot_losses(out / LOG, out / "loss.png")
     return final
@@ -342,23 +357,32 @@ def evaluate(wrapped: nn.Module, val: TokenWindows, cfg: TrainConfig, env: D.Dis
 
 def _save(folder: Path, model: CodeGenForCausalLM, net: nn.Module, optimizer: torch.optim.Optimizer,
           scheduler: Any, step: int, global_batch: int, manifest: dict[str, Any], cfg: TrainConfig,
-          env: D.DistEnv, tokenizer: CodeGenTokenizerFast, training_state: bool) -> None:
+          env: D.DistEnv, tokenizer: CodeGenTokenizerFast, training_state: bool, merge: bool = False) -> None:
     """Write a checkpoint that a kill or a full disk cannot leave half-written (see checkpoints.py; rank 0
-    writes, gathering the state is collective, and a failure on rank 0 stops every rank)."""
+    writes, gathering the state is collective, and a failure on rank 0 stops every rank). A LoRA run's
+    checkpoints hold its adapter (peft's files) instead of the weights; merge: the weights with the
+    adapter folded in."""
     full = D.full_model_state(net, env)
     weights = {k.removeprefix("model."): v for k, v in full.items()}
     optim = D.full_optimizer_state(net, optimizer) if training_state else None
     rng = D.gather_objects(torch.get_rng_state(), env) if training_state else None
+    lora = bool(cfg.lora_r)
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp, state_dict=weights)
+        if lora and merge:
+            model.save_pretrained(tmp, state_dict=merged_state_dict(model, weights))
+        elif lora:
+            save_adapter(model, tmp, state_dict=weights, base_model_name_or_path=cfg.init_from or cfg.model or None)
+        else:
+            model.save_pretrained(tmp, state_dict=weights)
         tokenizer.save_pretrained(tmp)
         (tmp / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         if training_state:
             with open(tmp / STATE, "wb") as f:  # a file object, so that an ENOSPC keeps its errno
                 torch.save({"step": step, "samples": step * global_batch, "global_batch": global_batch,
                             "seq_len": cfg.seq_len, "seed": cfg.seed, "data_sha256": _data_hash(manifest),
-                            "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng}, f)
+                            "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng,
+                            "lora": _lora_settings(cfg)}, f)
 
     def write() -> None:
         log = Path(cfg.out_dir) / LOG
@@ -426,12 +450,19 @@ def _data_hash(manifest: dict[str, Any]) -> str:
 
 
 def _check_resumable(state: dict[str, Any], cfg: TrainConfig, global_batch: int, manifest: dict[str, Any]) -> None:
-    """An exact continuation needs the same data, batch geometry and seed."""
+    """An exact continuation needs the same data, batch geometry, seed and LoRA settings."""
     for key, now in (("global_batch", global_batch), ("seq_len", cfg.seq_len), ("seed", cfg.seed),
-                     ("data_sha256", _data_hash(manifest))):
+                     ("data_sha256", _data_hash(manifest)), ("lora", _lora_settings(cfg))):
         if state.get(key) != now:
             raise ValueError(f"cannot resume: the checkpoint has {key}={state.get(key)!r}, this run {now!r} "
                              "(resume with the settings the run started with)")
+
+
+def _lora_settings(cfg: TrainConfig) -> dict[str, Any] | None:
+    """What a LoRA checkpoint must agree on to be resumed (None for training every weight)."""
+    if not cfg.lora_r:
+        return None
+    return {"r": cfg.lora_r, "alpha": float(cfg.lora_alpha), "targets": parse_targets(cfg.lora_targets)}
 
 
 def _log(out: Path, env: D.DistEnv, record: dict[str, Any]) -> None:
