@@ -246,3 +246,14 @@ def test_generation_config_object(tmp_path):
     assert back.max_new_tokens == 5 and back.future_option == 3 and back.num_beams is None
     assert transformers.GenerationConfig.from_pretrained(tmp_path).max_new_tokens == 5
     assert not list(tmp_path.glob(".generation_config.*"))  # no temporary file left behind
+
+
+@torch.no_grad()
+def test_stop_strings_without_a_tokenizer_use_the_checkpoints(pair, hf_tokenizer):
+    hf, ours = pair  # ours was loaded from a folder with tokenizer files: generate finds them itself
+    ids = random_ids(1, 5, seed=12, vocab=50000)
+    free = ours.generate(ids, max_new_tokens=20)[0, 5:].tolist()
+    stop = hf_tokenizer.decode(free[6:8])
+    expected = hf_generate(hf, ids, max_new_tokens=20, stop_strings=[stop], tokenizer=hf_tokenizer)
+    got = ours.generate(ids, max_new_tokens=20, stop_strings=stop, pad_token_id=EOS)
+    assert torch.equal(got, expected) and got.shape[1] < 5 + 20
