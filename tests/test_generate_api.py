@@ -232,6 +232,7 @@ def test_beam_search_through_generate_matches_transformers(pair):
         got = ours.generate(ids, pad_token_id=EOS, **kwargs)
         assert torch.equal(got.sequences, expected.sequences), kwargs
         torch.testing.assert_close(got.sequences_scores, expected.sequences_scores, rtol=1e-4, atol=1e-4)
+        assert torch.equal(got.beam_indices, expected.beam_indices.long())
         ours_t = ours.compute_transition_scores(got.sequences, got.scores, got.beam_indices)
         hf_t = hf.compute_transition_scores(expected.sequences, expected.scores, expected.beam_indices)
         torch.testing.assert_close(ours_t, hf_t, rtol=1e-4, atol=1e-4)

@@ -335,7 +335,7 @@ def _beam_output(sequences: torch.Tensor, results: list, outputs: list, settings
                 step_scores = tuple(per_step)
             else:
                 step_logits = tuple(per_step)
-        width = sequences.shape[1]
+        width = max(len(o.token_ids) for o in outputs)  # generated positions, as transformers gives them
         indices = torch.full((len(outputs), width), -1, dtype=torch.long, device=device)
         for row, o in enumerate(outputs):
             prompt = row // settings["n"]
