@@ -315,33 +315,26 @@ def _per_step(rows: list[list[torch.Tensor] | None], width: int, pad: int,
 def _beam_output(sequences: torch.Tensor, results: list, outputs: list, settings: dict,
                  device: torch.device) -> GenerateBeamDecoderOnlyOutput:
     """The beam-search dict output from the engine's results (one RequestOutput per prompt)."""
-    scores_t = torch.tensor([o.score for o in outputs], dtype=torch.float32, device=device)
-    step_scores = step_logits = indices = None
-    if settings["output_scores"] or settings["output_logits"]:
-        beams = settings["num_beams"]
-        steps = max(len(r.beam_scores or r.beam_logits or ()) for r in results)
-        for name in ("beam_scores", "beam_logits"):
-            if not settings["output_scores" if name == "beam_scores" else "output_logits"]:
-                continue
-            per_step = []
-            for i in range(steps):
-                parts = []
-                for r in results:
-                    got = getattr(r, name)
-                    parts.append(got[i].to(device) if i < len(got) else
-                                 torch.full_like(got[0], float("-inf")).to(device))
-                per_step.append(torch.cat(parts).reshape(len(results) * beams, -1))
-            if name == "beam_scores":
-                step_scores = tuple(per_step)
-            else:
-                step_logits = tuple(per_step)
-        width = max(len(o.token_ids) for o in outputs)  # generated positions, as transformers gives them
-        indices = torch.full((len(outputs), width), -1, dtype=torch.long, device=device)
-        for row, o in enumerate(outputs):
-            prompt = row // settings["n"]
-            got = [prompt * beams + b for b in (o.beam_indices or ())]
-            indices[row, : len(got)] = torch.tensor(got, dtype=torch.long, device=device)
-    return GenerateBeamDecoderOnlyOutput(sequences, scores_t, step_scores, step_logits, indices)
+    scores = torch.tensor([o.score for o in outputs], dtype=torch.float32, device=device)
+    if not (settings["output_scores"] or settings["output_logits"]):
+        return GenerateBeamDecoderOnlyOutput(sequences, scores)
+    beams = settings["num_beams"]
+
+    def per_step(per_prompt: list[list[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+        """Each prompt's [beams, V] tensors per step -> [prompts x beams, V] per step (-inf for a prompt
+        whose search had already ended)."""
+        ended = torch.full_like(per_prompt[0][0], float("-inf"))
+        steps = max(len(p) for p in per_prompt)
+        return tuple(torch.cat([p[i] if i < len(p) else ended for p in per_prompt]).to(device) for i in range(steps))
+
+    step_scores = per_step([r.beam_scores for r in results]) if settings["output_scores"] else None
+    step_logits = per_step([r.beam_logits for r in results]) if settings["output_logits"] else None
+    width = max(len(o.token_ids) for o in outputs)  # generated positions, as transformers gives them
+    indices = torch.full((len(outputs), width), -1, dtype=torch.long, device=device)
+    for row, o in enumerate(outputs):
+        got = [row // settings["n"] * beams + b for b in o.beam_indices or ()]
+        indices[row, : len(got)] = torch.tensor(got, dtype=torch.long, device=device)
+    return GenerateBeamDecoderOnlyOutput(sequences, scores, step_scores, step_logits, indices)
 
 
 def _stream(samples: list, emitted: int, pad: int, streamer: Any, final: bool) -> int:
