@@ -20,6 +20,7 @@ Servers (each its own process, started and measured one after the other):
 A codegen-350M-mono-shaped checkpoint with random fp32 weights, 2 threads per server.
 
     python bench/serving.py [--shape 350M] [--levels 1,4,16,32] [--out bench/results/serving.json]
+    python bench/serving.py --editor-only    # part 2 alone, codegen-lm serve only (about 5 minutes)
 """
 
 from __future__ import annotations
@@ -143,7 +144,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/codegen-bench"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serving.json")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of latency vs load (default: next to --out)")
+    parser.add_argument("--editor-only", action="store_true",
+                        help="only the editor sessions against codegen-lm serve (no load levels, no peers)")
     args = parser.parse_args()
+    if args.editor_only and args.out == parser.get_default("out"):
+        args.out = args.out.with_name("serving_editor.json")
     levels = [int(x) for x in args.levels.split(",")]
     from codegen_lm import CodeGenTokenizerFast
 
@@ -157,6 +162,10 @@ def main() -> None:
         "transformers generate": lambda: start_hf(folder),
     }
     results: dict = {"cpu": cpu, "shape": args.shape, "max_tokens": MAX_TOKENS, "load": {}, "editor": {}}
+    editors = [("int8 + prefix cache", ("--quantize", "int8"), 30), ("no prefix cache", ("--prefix-cache-mb", "0"), 10)]
+    if args.editor_only:
+        peers = {}
+        editors.insert(0, ("prefix cache", (), 30))
     for name, start in peers.items():
         server = start()
         model = "hf" if name.startswith("transformers") else str(folder)
@@ -174,8 +183,7 @@ def main() -> None:
                 results["editor"]["prefix cache"] = editor_session(server.url, tok, 30)
         finally:
             server.stop()
-    for name, options, positions in (("int8 + prefix cache", ("--quantize", "int8"), 30),
-                                     ("no prefix cache", ("--prefix-cache-mb", "0"), 10)):
+    for name, options, positions in editors:
         server = Server(folder, "--max-batch", "16", "--threads", "2", *options)
         try:
             results["editor"][name] = editor_session(server.url, tok, positions)
@@ -184,6 +192,10 @@ def main() -> None:
     for name, row in results["editor"].items():
         print(f"editor session, {name}: whole completion p50 {row['latency_p50_s'] * 1000:.0f} ms, "
               f"p95 {row['latency_p95_s'] * 1000:.0f} ms over {row['positions']} positions")
+    if args.editor_only:
+        write_json(args.out, results)
+        print(f"wrote {args.out}")
+        return
     ours = {r["clients"]: r for r in results["load"]["codegen-lm"]}
     hf = {r["clients"]: r for r in results["load"]["transformers generate"]}
     top = max(levels)

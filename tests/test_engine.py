@@ -438,14 +438,15 @@ def _two_caches(cfg, slots=5):
             for _ in range(2)]
 
 
-def test_one_token_block_kernel_equals_the_blocks(small_checkpoint, monkeypatch):
-    """kernels/block.py runs a whole block per call for batch-1 decoding: same logits and cache
-    contents as the model's own blocks, on every small shape (partial and full rotary, an inner size
-    that is not 4x, erf GELU which the kernel leaves to the other paths)."""
+@pytest.mark.parametrize("stored", ["fp32", "int8"])
+def test_one_token_block_kernel_equals_the_blocks(small_checkpoint, stored):
+    """kernels/block.py runs a whole block per call for batch-1 decoding, with fp32 or int8 weights: same
+    logits and cache contents as the model's own blocks, on every small shape (partial and full rotary,
+    an inner size that is not 4x, erf GELU which the kernel leaves to the other paths)."""
     from codegen_lm.kernels import block
 
     folder, shape = small_checkpoint
-    model = CodeGenForCausalLM.from_pretrained(folder).eval()
+    model = CodeGenForCausalLM.from_pretrained(folder, quantize="int8" if stored == "int8" else None).eval()
     cfg = model.config
     with torch.inference_mode():
         weights = runner._block_weights(model.transformer.h[0])
@@ -463,6 +464,8 @@ def test_one_token_block_kernel_equals_the_blocks(small_checkpoint, monkeypatch)
             torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(fused.k[:, :, :, :24], plain.k[:, :, :, :24], atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(fused.v[:, :, :, :24], plain.v[:, :, :, :24], atol=2e-5, rtol=1e-5)
+    if stored == "int8":
+        return
     # and the engine's batch-1 greedy (which takes the kernel) still equals transformers token for token
     hf = load_hf(folder)
     p = ids[:12]
@@ -478,7 +481,10 @@ def test_one_token_block_kernel_declines_what_it_cannot_compute(model):
     with torch.inference_mode():
         assert block.can_run(runner._block_weights(model.transformer.h[0]), act, torch.float32)
         q = quantize_model(CodeGenForCausalLM.from_config(model.config))
-        assert not block.can_run(runner._block_weights(q.transformer.h[0]), act, torch.float32)
+        assert block.can_run(runner._block_weights(q.transformer.h[0]), act, torch.float32)  # int8 matrices
+        half = CodeGenForCausalLM.from_config(model.config).to(torch.bfloat16)
+        assert not block.can_run(runner._block_weights(half.transformer.h[0]), act, torch.float32)
+        assert not block.can_run(runner._block_weights(model.transformer.h[0]), "gelu", torch.float32)
     assert not block.can_run(runner._block_weights(model.transformer.h[0]), act, torch.float32)  # autograd on
 
 
@@ -602,3 +608,44 @@ def test_prefill_goes_on_while_every_slot_is_taken(model):
     engine.run()
     for h, p, params in zip(handles, long_ones + queued, [decoding] * 2 + [waiting] * 2):
         assert [o.token_ids for o in h.result().outputs] == [o.token_ids for o in alone(model, p, params).outputs]
+
+
+def test_slots_trading_places_read_the_same_through_every_path(model):
+    """On the CPU the engine's slots trade places instead of copying (SlotCache.move); requests that
+    leave the places scattered give the same tokens through the CPU kernels and through the model's own
+    blocks (which then read a gathered copy), as an engine whose slots are places."""
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, model.config.vocab_size, (n,), generator=g).tolist() for n in (9, 14, 6, 11)]
+    params = [GenerationParams(max_new_tokens=m, eos_token_ids=[]) for m in (3, 9, 5, 7)]
+    sampled = GenerationParams(n=3, max_new_tokens=6, temperature=1.0, seed=5, eos_token_ids=[])
+
+    def tokens(blocks, remap):
+        engine = Engine(model, max_batch=3)
+        engine.cache.remap = remap
+        engine._blocks = blocks
+        handles = [engine.submit(p, q) for p, q in zip(prompts, params)] + [engine.submit(prompts[0], sampled)]
+        out = [[o.token_ids for o in h.result().outputs] for h in handles]
+        return out, engine.cache.phys
+
+    plain, places = tokens(None, False)
+    assert places == sorted(places)
+    traded, places = tokens(None, True)
+    assert traded == plain and places != sorted(places)  # the places did move
+    blocks, _ = tokens(runner.forward_slots, True)
+    assert blocks == plain
+
+
+def test_slot_cache_move_trades_places_or_copies():
+    for remap in (True, False):
+        cache = SlotCache(2, 4, 2, 3, 8, torch.float32, remap=remap)
+        for slot in range(4):
+            cache.write(slot, 0, torch.full((2, 2, 2, 8, 3), float(slot)))
+        assert cache.move(1, 3, 8) == remap
+        out = torch.empty(2, 2, 2, 8, 3)
+        cache.read(3, 0, 8, out)
+        assert (out == 1).all()
+        cache.read(1, 0, 8, out)
+        assert (out == (3 if remap else 1)).all()  # traded: slot 1 holds what slot 3 held
+        cache.copy_slot(0, 2, 8)
+        cache.read(2, 0, 8, out)
+        assert (out == 0).all()

@@ -94,17 +94,51 @@ def test_outputs_are_identical_with_and_without_the_cache(model):
 
 
 def test_a_conversation_reuses_the_previous_turn_and_its_answer(model):
-    """Turn 2's prompt is turn 1's prompt, its answer and a new instruction: the answer's blocks come
-    from the finished sample, so only the new part (and the tail of the last partial block) is computed."""
+    """Turn 2's prompt is turn 1's prompt, its answer and a new instruction: the answer's keys and values
+    come from the finished sample, so only the new part is computed. Straight after the answer its freed
+    slot still holds them, to the token; once another request has taken that slot, the cache's blocks
+    (whole blocks only) still give most of them."""
     turn1 = tokens(40, seed=6)
-    engine = Engine(model, max_batch=2)
-    answer = engine.submit(turn1, GenerationParams(max_new_tokens=30)).result().outputs[0].token_ids
-    turn2 = turn1 + answer + tokens(10, seed=7)
-    second = engine.submit(turn2, GenerationParams(max_new_tokens=8)).result()
-    # the sample's keys and values cover turn1 + all answer tokens but the last (never fed)
-    assert second.cached_tokens == (len(turn1) + len(answer) - 1) // BLOCK * BLOCK == 64
-    fresh = Engine(model, max_batch=2, prefix_cache_mb=0).submit(turn2, GenerationParams(max_new_tokens=8)).result()
-    assert second.outputs[0].token_ids == fresh.outputs[0].token_ids
+    turn2 = None
+    fresh = None
+    for other_request_between in (False, True):
+        engine = Engine(model, max_batch=2)
+        answer = engine.submit(turn1, GenerationParams(max_new_tokens=30)).result().outputs[0].token_ids
+        if other_request_between:
+            engine.submit(tokens(20, seed=8), GenerationParams(max_new_tokens=4)).result()
+        turn2 = turn1 + answer + tokens(10, seed=7)
+        fresh = fresh or Engine(model, max_batch=2, prefix_cache_mb=0).submit(
+            turn2, GenerationParams(max_new_tokens=8)).result()
+        second = engine.submit(turn2, GenerationParams(max_new_tokens=8)).result()
+        # the sample's keys and values cover turn1 + all answer tokens but the last (never fed)
+        held = len(turn1) + len(answer) - 1
+        assert second.cached_tokens == (held // BLOCK * BLOCK if other_request_between else held)
+        assert second.outputs[0].token_ids == fresh.outputs[0].token_ids
+        stats = engine.stats()
+        assert stats.prefix_cache.hit_tokens == second.cached_tokens
+        assert stats.prefill_tokens == len(turn1) + 20 * other_request_between + len(turn2) - second.cached_tokens
+
+
+def test_an_editor_session_reuses_the_freed_slot_to_the_token(model):
+    """An editor's requests grow by a few characters each: every request after the first computes only
+    the tokens after what the previous one held (not up to a block's worth more), on the CPU's traded
+    slots and on copying ones (as on a GPU), with the tokens of a cache-less engine; samples of n > 1
+    and slots moving down keep their outputs too."""
+    text = tokens(300, seed=9)
+    requests = [(text[: 200 + 3 * i], GenerationParams(max_new_tokens=4)) for i in range(6)]
+    requests.append((text[:230], GenerationParams(n=3, max_new_tokens=5, temperature=1.0, seed=2)))
+    requests.append((text[:235], GenerationParams(max_new_tokens=4)))
+    off, _, _ = run_requests(model, requests, prefix_cache_mb=0)
+    for remap in (True, False):
+        engine = Engine(model, max_batch=4)
+        engine.cache.remap = remap
+        outs = [engine.submit(p, q).result() for p, q in requests]
+        assert [[o.token_ids for o in r.outputs] for r in outs] == off
+        # each prompt but the first (and the one after n=3's longer answers) starts with everything the
+        # previous request's sample held: its prompt and all its answer tokens but the last
+        assert [o.cached_tokens for o in outs[1:6]] == [len(p) for p, _ in requests[:5]]
+        assert outs[7].cached_tokens == 230
+        assert engine.stats().prefill_tokens == sum(len(p) for p, _ in requests) - sum(o.cached_tokens for o in outs)
 
 
 def test_tiny_budgets_evict_and_keep_outputs_identical(model):

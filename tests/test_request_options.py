@@ -117,6 +117,27 @@ def test_token_healing_extends_the_backed_off_token(model, tok, hf):
     assert plain.healed == "" and plain.prompt_ids == ids
 
 
+def test_token_healing_allows_exactly_the_tokens_that_extend_the_removed_bytes(model, tok):
+    """The allowed set (found by bisection over the tokens in byte order) is every token whose bytes
+    start with the removed token's: for 300 tokens drawn from the vocabulary and the common short ones,
+    and for bytes that end in 0xff (whose run ends where the next shorter stem's does)."""
+    healer = TokenHealer(tok, model.config.vocab_size)
+    table = healer.token_bytes
+    drawn = torch.randint(0, len(table), (300,), generator=torch.Generator().manual_seed(0)).tolist()
+    for token in drawn + [tok.encode(t)[0] for t in (" ", "\n", "    ", "(", "a", "_")]:
+        removed = table[token]
+        if removed:
+            expected = torch.tensor([b.startswith(removed) for b in table])
+            assert torch.equal(healer._allowed(token, removed), expected), (token, removed)
+    table[:3] = [b"\xff", b"\xff\xff", b"a\xff"]  # 0xff stems, and the byte order rebuilt for them
+    healer._order = sorted(range(len(table)), key=table.__getitem__)
+    healer._sorted = [table[t] for t in healer._order]
+    healer._masks.clear()
+    for token, removed in ((0, b"\xff"), (2, b"a\xff"), (1, b"\xff\xff")):
+        expected = torch.tensor([b.startswith(removed) for b in table])
+        assert torch.equal(healer._allowed(token, removed), expected), removed
+
+
 def test_bad_option_values_are_refused_naming_them(model):
     engine = Engine(model)
     with pytest.raises(ValueError, match="logit_bias token id 60000"):

@@ -14,7 +14,11 @@ and the new tokens appended. Its outputs, the n best hypotheses, are published w
 
 Prompts are looked up in the prefix cache (engine/prefix_cache.py) first: only positions no cached
 block covers are computed. Prompts and finished samples are stored there, so an editor's next
-keystroke or a conversation's next turn reuses them.
+keystroke or a conversation's next turn reuses them. A freed slot also keeps what its last sample
+held until the slot is taken again; a prompt that starts with some of those tokens takes that slot's
+place outright (no copy), reusing them to the token, and copies in only the cached blocks that reach
+further (an editor's next request differs from its last one in the last few tokens, where whole
+blocks alone would leave up to 16 to recompute, after copying hundreds of megabytes).
 
 Threads: `submit` and `cancel` only put things in an inbox and never wait for a running step; the
 step that follows takes them. Handles consume events from threads (`stream()`, `result()`) or from
@@ -32,6 +36,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -194,7 +199,9 @@ class Engine:
         self.device = model.transformer.wte.weight.device
         self.staging = (max_batch, max_batch + 1)  # the slots where prompts are prefilled (scheduler.py)
         self.cache = SlotCache(config.n_layer, max_batch + 2, config.n_head, config.head_dim, self.max_seq_len,
-                               model.transformer.wte.weight.dtype, self.device, initial_len=initial_len)
+                               model.transformer.wte.weight.dtype, self.device, initial_len=initial_len,
+                               remap=self.device.type == "cpu")
+        self._resident: dict[int, list[int]] = {}  # free slot -> the tokens whose keys and values it holds
         self.prefix_cache: PrefixCache | None = None
         if prefix_cache_mb > 0:
             shape = (2, config.n_layer, config.n_head, 16, config.head_dim)
@@ -467,7 +474,9 @@ class Engine:
             last = end == len(request.prompt_ids)
             wanted = "all" if request.prompt_logprobs is not None else "last" if last else "none"
             rows.append(Row(request.staging, start, request.prompt_ids[start:end], wanted))
-            if len(self.rows) < self.max_batch:  # the slot its first sample will likely take
+            if len(request.to_admit) > 1 and len(self.rows) < self.max_batch:
+                # the slot its first sample will likely take a copy in (the last takes the staging slot's place)
+                self._resident.pop(len(self.rows), None)
                 self.cache.touch(len(self.rows), start, end)
         if not rows:
             return
@@ -515,11 +524,31 @@ class Engine:
         request.staging = self.staging[1] if ready is not None and ready.staging == self.staging[0] else self.staging[0]
         if self.prefix_cache is None or request.prompt_logprobs is not None:
             return
-        blocks = self.prefix_cache.lookup(request.prompt_ids, len(request.prompt_ids) - 1)
+        limit = len(request.prompt_ids) - 1  # the last prompt token is computed: its logits are wanted
+        blocks = self.prefix_cache.lookup(request.prompt_ids, limit)
         size = self.prefix_cache.block_tokens
-        for i, data in enumerate(blocks):
-            self.cache.write(request.staging, i * size, data)
-        request.prefilled = request.cached_tokens = len(blocks) * size
+        slot, held = self._resident_match(request.prompt_ids, limit)
+        first = 0  # the first block to copy in
+        if held:  # take the slot's place, and only the blocks that reach beyond what it holds
+            del self._resident[slot]
+            self.cache.move(slot, request.staging, held)
+            first = held // size
+            self.prefix_cache.credit(len(blocks) * size, max(held, len(blocks) * size))
+        for i in range(first, len(blocks)):
+            self.cache.write(request.staging, i * size, blocks[i])
+        request.prefilled = request.cached_tokens = max(held, len(blocks) * size)
+
+    def _resident_match(self, tokens: list[int], limit: int) -> tuple[int, int]:
+        """The free slot holding the longest start of tokens[:limit], and how many tokens it holds."""
+        best, best_len = -1, 0
+        want = np.asarray(tokens[:limit], dtype=np.int64)
+        for slot, held in self._resident.items():
+            n = min(len(held), len(want))
+            differ = np.flatnonzero(np.asarray(held[:n], dtype=np.int64) != want[:n])
+            same = int(differ[0]) if len(differ) else n
+            if same > best_len:
+                best, best_len = slot, same
+        return best, best_len
 
     def _store(self, tokens: list[int], slot: int) -> None:
         """Keep the keys and values of `tokens` (cached in `slot`) in the prefix cache."""
@@ -539,9 +568,13 @@ class Engine:
         prompt_seen = torch.zeros(self.vocab, dtype=torch.bool, device=self.device)
         prompt_seen[torch.tensor(request.prompt_ids, device=self.device)] = True
         admitted = [request.to_admit.popleft() for _ in range(take)]
-        for sample in admitted:
+        for i, sample in enumerate(admitted):
             sample.row, sample.length = len(self.rows), prompt_len
-            self.cache.copy_slot(request.staging, sample.row, prompt_len)
+            self._resident.pop(sample.row, None)
+            if i == len(admitted) - 1 and not request.to_admit:  # the prompt's last sample takes its place
+                self.cache.move(request.staging, sample.row, prompt_len)
+            else:
+                self.cache.copy_slot(request.staging, sample.row, prompt_len)
             self.seen[sample.row] = prompt_seen
             self.counts[sample.row] = 0
             self.rows.append(sample)
@@ -872,10 +905,13 @@ class Engine:
             sample = self.rows[i]
             if not sample.finished:
                 continue
-            self._store(sample.context()[: sample.length], sample.row)
+            held = sample.context()[: sample.length]
+            self._store(held, sample.row)
             last = self.rows.pop()
+            self._resident[len(self.rows)] = held  # the slot freed (or the one `last` leaves, below)
             if last is not sample:
-                self.cache.copy_slot(last.row, i, last.length)
+                if not self.cache.move(last.row, i, last.length):  # copied: the freed slot keeps last's
+                    self._resident[len(self.rows)] = last.context()[: last.length]
                 if self.draft is not None:
                     self.draft.move(last.row, i, last.draft_cached)
                 self.seen[i] = self.seen[last.row]

@@ -13,6 +13,7 @@ character heals too.
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ class TokenHealer:
                     self.token_bytes[token] = piece.encode()
         self.device = torch.device(device)
         self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
+        # tokens in byte order: those that start with some bytes are one run of it, found by bisection
+        self._order = sorted(range(vocab_size), key=self.token_bytes.__getitem__)
+        self._sorted = [self.token_bytes[t] for t in self._order]
 
     def heal(self, prompt_ids: Sequence[int]) -> Healed | None:
         """The prompt with its last token backed off, or None when there is nothing to heal (a one-token
@@ -68,8 +72,11 @@ class TokenHealer:
     def _allowed(self, token: int, removed: bytes) -> torch.Tensor:
         mask = self._masks.get(token)
         if mask is None:
-            mask = torch.tensor([b.startswith(removed) for b in self.token_bytes], dtype=torch.bool,
-                                device=self.device)
+            lo = bisect_left(self._sorted, removed)
+            stem = removed.rstrip(b"\xff")  # the first bytes after every extension of `removed`
+            hi = bisect_left(self._sorted, stem[:-1] + bytes([stem[-1] + 1])) if stem else len(self._sorted)
+            mask = torch.zeros(len(self.token_bytes), dtype=torch.bool, device=self.device)
+            mask[torch.tensor(self._order[lo:hi], dtype=torch.long, device=self.device)] = True
             self._masks[token] = mask
             if len(self._masks) > _MASKS_KEPT:
                 self._masks.popitem(last=False)

@@ -96,6 +96,13 @@ class PrefixCache:
         self._stats.inserted_blocks += added
         return added
 
+    def credit(self, cached: int, reused: int) -> None:
+        """Count the last lookup as reusing `reused` tokens instead of the `cached` its blocks gave (the
+        engine found more of the prompt in a freed slot)."""
+        s = self._stats
+        s.hits += cached == 0 and reused > 0
+        s.hit_tokens += reused - cached
+
     def stats(self) -> PrefixCacheStats:
         s = self._stats
         s.blocks = len(self._blocks)

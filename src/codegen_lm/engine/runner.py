@@ -75,10 +75,25 @@ def _kernels_apply(model: nn.Module, cache: SlotCache) -> bool:
 # ---- the CPU pass -------------------------------------------------------------------------------
 
 
+_ONES: dict[int, torch.Tensor] = {}  # the row scales of fp32 weights, by size
+
+
+def _matrix(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """A product's weight and per-row scales: int8 weights' own (quantize.py), ones for fp32 ones."""
+    scale = getattr(linear, "weight_scale", None)
+    if scale is None:
+        n = linear.weight.shape[0]
+        scale = _ONES.get(n)
+        if scale is None:
+            scale = _ONES[n] = torch.ones(n, dtype=torch.float32)
+    return linear.weight, scale
+
+
 def _block_weights(block: nn.Module) -> list[torch.Tensor]:
+    """A block's tensors in block_step's order (see kernels/block.can_run)."""
     attn, mlp = block.attn, block.mlp
-    return [block.ln_1.weight, block.ln_1.bias, attn.qkv_proj.weight, mlp.fc_in.weight, mlp.fc_in.bias,
-            attn.out_proj.weight, mlp.fc_out.weight, mlp.fc_out.bias]
+    return [block.ln_1.weight, block.ln_1.bias, *_matrix(attn.qkv_proj), *_matrix(mlp.fc_in), mlp.fc_in.bias,
+            *_matrix(attn.out_proj), *_matrix(mlp.fc_out), mlp.fc_out.bias]
 
 
 def _one_token(model: nn.Module, cache: SlotCache, row: Row) -> torch.Tensor | None:
@@ -88,13 +103,13 @@ def _one_token(model: nn.Module, cache: SlotCache, row: Row) -> torch.Tensor | N
     weights = [_block_weights(b) for b in tf.h]
     if not all(block_kernel.can_run(w, model.config.activation_function, cache.dtype) for w in weights[:1]):
         return None
-    token, position = row.tokens[0], row.start
+    token, position, place = row.tokens[0], row.start, cache.phys[row.slot]
     cache.ensure(position + 1)  # (the kernel writes where it is told: no bounds checks)
     x = tf.wte.weight[token].detach().clone()
     cos, sin = tf.rope_cos[position], tf.rope_sin[position]
     for layer, (block, w) in enumerate(zip(tf.h, weights)):
-        x = block_kernel.block_step(w, block.ln_1.eps, block.attn.n_head, x, cos, sin, cache.keys[layer][row.slot],
-                                    cache.values[layer][row.slot], position)
+        x = block_kernel.block_step(w, block.ln_1.eps, block.attn.n_head, x, cos, sin, cache.keys[layer][place],
+                                    cache.values[layer][place], position)
     return model.lm_head(tf.ln_f(x[None]))
 
 
@@ -151,7 +166,7 @@ def _run_kernels(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared
         r = rows[i]
         offsets[i] = len(tokens)
         tokens.extend(r.tokens)
-        slots.extend([r.slot] * len(r.tokens))
+        slots.extend([cache.phys[r.slot]] * len(r.tokens))  # places in the cache tensors
         positions.extend(range(r.start, r.start + len(r.tokens)))
     S = len(single)
     slots_np, pos_np = np.asarray(slots, dtype=np.int64), np.asarray(positions, dtype=np.int64)
@@ -187,7 +202,8 @@ def _run_kernels(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared
             T = len(r.tokens)
             q = attn_kernels.rotary_store(qkv[o : o + T], cos[o : o + T], sin[o : o + T], K, V, slots_np[o : o + T],
                                           pos_np[o : o + T])
-            a[o : o + T] = _chunk_attention(q, K[r.slot], V[r.slot], r.start)
+            place = cache.phys[r.slot]
+            a[o : o + T] = _chunk_attention(q, K[place], V[place], r.start)
         x = _product_add(mlp.fc_out, m, x, bf16)  # x + fc_out(m)
         x = _product_add(attn.out_proj, a, x, bf16)  # ... + out_proj(attention)
     wanted = []

@@ -1,10 +1,10 @@
 """The engine's key/value cache: a fixed number of slots, one per running sequence (plus one where
 prompts are prefilled).
 
-Keys and values are each one tensor `[layers, slots, heads, capacity, head_dim]`; `keys[layer]` is the
-`[slots, heads, capacity, head_dim]` view the attention kernels read. Running sequences occupy the
-lowest slots (the engine moves the last one into a slot that frees up). Each slot has its own length;
-positions a slot has not written are masked out by the caller.
+Keys and values are each one tensor `[layers, places, heads, capacity, head_dim]`; `keys[layer]` is the
+`[places, heads, capacity, head_dim]` view the attention kernels read (a slot's place: `phys[slot]`).
+Running sequences occupy the lowest slots (the engine moves the last one into a slot that frees up).
+Each slot has its own length; positions a slot has not written are masked out by the caller.
 
 Memory follows what each slot has actually written. On the CPU the tensors span the whole context
 from the start, in zero-filled memory that the operating system commits page by page on first write
@@ -13,8 +13,16 @@ prompt arriving never stalls the running streams (allocating and zeroing gigabyt
 seconds), and a slot only costs memory for the positions it has used. On a GPU the time dimension
 grows by doubling instead.
 
-Copies between slots (a prompt's keys and values to each of its samples, beams reordered to the beams
-they extend) and in and out of the prefix cache's blocks are one copy per tensor, all layers at once.
+Slot numbers are the engine's; on the CPU each maps to a place in the tensors (`phys`), so that handing
+a slot's contents to another slot that frees up (a prefilled prompt to its one sample, the last running
+sequence into a hole) trades the two places instead of copying hundreds of megabytes (`move`). The
+CPU kernels read the places (runner.py); the model's own blocks, which want the rows of a step in
+consecutive places, read a gathered copy when they are not. On a GPU, where copies are cheap and the
+blocks' batching matters, slots are places and `move` copies.
+
+Other copies between slots (a prompt's keys and values to each further sample, beams reordered to the
+beams they extend) and in and out of the prefix cache's blocks are one copy per tensor, all layers at
+once.
 """
 
 from __future__ import annotations
@@ -37,8 +45,12 @@ class SlotCache:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         initial_len: int = 256,
+        remap: bool = False,
     ) -> None:
+        """remap: let `move` trade places instead of copying (the engine does on the CPU)."""
         self.slots, self.max_len = slots, max_len
+        self.remap = remap
+        self.phys = list(range(slots))  # slot -> its place in k and v
         self.n_layer, self.n_head, self.head_dim = n_layer, n_head, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         # zeros, not empty: masked positions still enter attention products (as 0 x value)
@@ -85,21 +97,36 @@ class SlotCache:
         """Zero positions start..end-1 of a free slot, so that its memory is committed before a sequence
         is copied there (the engine does it a prompt chunk at a time, while the prompt is prefilled)."""
         self.ensure(end)
-        self.k[:, slot, :, start:end] = 0
-        self.v[:, slot, :, start:end] = 0
+        p = self.phys[slot]
+        self.k[:, p, :, start:end] = 0
+        self.v[:, p, :, start:end] = 0
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Give slot `dst` the first `length` positions of slot `src` (a prompt to each of its samples;
-        a running sequence moving down into a freed slot)."""
+        """Give slot `dst` a copy of the first `length` positions of slot `src` (a prompt to each of its
+        samples but the last)."""
         if src != dst and length:
-            self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-            self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+            s, d = self.phys[src], self.phys[dst]
+            self.k[:, d, :, :length] = self.k[:, s, :, :length]
+            self.v[:, d, :, :length] = self.v[:, s, :, :length]
+
+    def move(self, src: int, dst: int, length: int) -> bool:
+        """Give slot `dst` the first `length` positions of slot `src`, whose contents are not needed
+        after (a prompt to its last sample; a running sequence moving down into a freed slot). Returns
+        True where the slots traded places (src then holds what dst held), False where it copied (src
+        keeps its contents)."""
+        if src == dst or not length:
+            return False
+        if self.remap:
+            self.phys[src], self.phys[dst] = self.phys[dst], self.phys[src]
+            return True
+        self.copy_slot(src, dst, length)
+        return False
 
     def gather_slots(self, dst: list[int], src: list[int], start: int, end: int) -> None:
         """Slot dst[i] takes positions start..end-1 of slot src[i], all at once (the beams of a beam
         search moving to the beams they extend: src may repeat and overlap dst, every slot is read
         before any is written). Pairs with dst[i] == src[i] cost nothing."""
-        pairs = [(d, s) for d, s in zip(dst, src) if d != s]
+        pairs = [(self.phys[d], self.phys[s]) for d, s in zip(dst, src) if d != s]
         if not pairs or end <= start:
             return
         to = torch.tensor([d for d, _ in pairs], device=self.device)
@@ -109,15 +136,17 @@ class SlotCache:
 
     def read(self, slot: int, start: int, end: int, out: torch.Tensor) -> None:
         """Positions start..end-1 of `slot` into out [2, layers, heads, end - start, head_dim]."""
-        out[0].copy_(self.k[:, slot, :, start:end])
-        out[1].copy_(self.v[:, slot, :, start:end])
+        p = self.phys[slot]
+        out[0].copy_(self.k[:, p, :, start:end])
+        out[1].copy_(self.v[:, p, :, start:end])
 
     def write(self, slot: int, start: int, data: torch.Tensor) -> None:
         """data [2, layers, heads, n, head_dim] into positions start..start+n-1 of `slot`."""
         end = start + data.shape[3]
         self.ensure(end)
-        self.k[:, slot, :, start:end] = data[0]
-        self.v[:, slot, :, start:end] = data[1]
+        p = self.phys[slot]
+        self.k[:, p, :, start:end] = data[0]
+        self.v[:, p, :, start:end] = data[1]
 
     # ---- the model's cache protocol (its own blocks driving the slots) --------------------------------
 
@@ -133,6 +162,14 @@ class SlotCache:
         """Write the new `[rows, heads, T, head_dim]` keys/values and return views of everything the
         rows may attend to (the model masks what a row may not see)."""
         first, rows, starts, new, length = self._begun
+        places = self.phys[first : first + rows]
+        if places != list(range(places[0], places[0] + rows)):  # scattered: write each row, read a copy
+            for r, (p, start) in enumerate(zip(places, starts)):
+                self.keys[layer][p, :, start : start + new] = key[r]
+                self.values[layer][p, :, start : start + new] = value[r]
+            at = torch.tensor(places, device=self.device)
+            return self.keys[layer][at, :, :length], self.values[layer][at, :, :length]
+        first = places[0]
         K, V = self.keys[layer][first : first + rows], self.values[layer][first : first + rows]
         if min(starts) == max(starts):  # rows in step (the usual case): one slice write
             K[:, :, starts[0] : starts[0] + new] = key

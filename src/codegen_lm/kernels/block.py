@@ -1,4 +1,5 @@
-"""Decoding one sequence (batch 1) with one compiled call per transformer block, on the CPU in fp32.
+"""Decoding one sequence (batch 1) with one compiled call per transformer block, on the CPU in fp32
+(fp32 or int8 weights).
 
 A batch-1 decode step of the 350M model reads 1.2 GB of weights; that takes ~17 ms at this
 machine's memory bandwidth, but the ~25 PyTorch calls per block around the four products
@@ -6,8 +7,12 @@ machine's memory bandwidth, but the ~25 PyTorch calls per block around the four 
 dispatch. `block_step` runs a whole block as one numba function instead: the same maths as
 `model.CodeGenBlock` (LayerNorm, [q; k; v] and fc_in products, rotary in the de-interleaved layout
 described in model.py, attention, tanh-GELU, x + out_proj + fc_out) for one token, which writes its key
-and value into the cache and returns the block's output. Batched decoding does not come here: at 20
-rows the products are compute-bound and oneDNN's GEMM wins.
+and value into the cache and returns the block's output. The same source compiles for int8 weights
+(quantize.py's, one fp32 scale per output row: converted in registers as they stream by; fp32 weights
+come with scales of one), where the call count matters more still: ~8 kernel launches per block, each
+waking the threads of one of two OpenMP runtimes (numba's and PyTorch's), cost int8 decoding in a
+server's background thread about as much as reading its weights. Batched decoding does not come here:
+at 20 rows the products are compute-bound and oneDNN's GEMM wins.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ if _numba.HAVE_NUMBA:
         return np.float32(0.5) * u * (np.float32(1.0) + t)
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
-    def _block_numba(x, ln_w, ln_b, eps, w_qkv, w_in, b_in, w_o, w_out, b_out, cos, sin, K, V, pos, n_head, out):
+    def _block_numba(x, ln_w, ln_b, eps, w_qkv, s_qkv, w_in, s_in, b_in, w_o, s_o, w_out, s_out, b_out, cos, sin,
+                     K, V, pos, n_head, out):
         E = x.shape[0]
         D = E // n_head
         half = cos.shape[0]
@@ -54,13 +60,13 @@ if _numba.HAVE_NUMBA:
             acc = np.float32(0.0)
             if n < n_qkv:
                 for k in range(E):
-                    acc += h[k] * w_qkv[n, k]
-                qkv[n] = acc
+                    acc += h[k] * np.float32(w_qkv[n, k])
+                qkv[n] = acc * s_qkv[n]
             else:
                 i = n - n_qkv
                 for k in range(E):
-                    acc += h[k] * w_in[i, k]
-                m[i] = _gelu_tanh(acc + b_in[i])
+                    acc += h[k] * np.float32(w_in[i, k])
+                m[i] = _gelu_tanh(acc * s_in[i] + b_in[i])
 
         for hd in range(n_head):  # rotary on q and k; k and v into the cache
             q0, k0, v0 = hd * D, E + hd * D, 2 * E + hd * D
@@ -77,45 +83,72 @@ if _numba.HAVE_NUMBA:
 
         att = np.empty(E, dtype=np.float32)  # attention over positions 0..pos, a head per iteration
         scale = np.float32(1.0 / math.sqrt(D))
+        n_keys = pos + 1
         for hd in numba.prange(n_head):
-            scores = np.empty(pos + 1, dtype=np.float32)
-            top = -np.inf
-            for j in range(pos + 1):
-                dot = np.float32(0.0)
+            qh = qkv[hd * D : (hd + 1) * D] * scale
+            Kh, Vh = K[hd], V[hd]
+            scores = np.empty(n_keys, dtype=np.float32)
+            j = 0
+            while j + 4 <= n_keys:  # four keys per pass over q, four values per pass over acc
+                a0 = a1 = a2 = a3 = np.float32(0.0)
                 for d in range(D):
-                    dot += qkv[hd * D + d] * K[hd, j, d]
-                scores[j] = dot * scale
-                top = max(top, scores[j])
+                    qd = qh[d]
+                    a0 += qd * Kh[j, d]
+                    a1 += qd * Kh[j + 1, d]
+                    a2 += qd * Kh[j + 2, d]
+                    a3 += qd * Kh[j + 3, d]
+                scores[j], scores[j + 1], scores[j + 2], scores[j + 3] = a0, a1, a2, a3
+                j += 4
+            for t in range(j, n_keys):
+                a0 = np.float32(0.0)
+                for d in range(D):
+                    a0 += qh[d] * Kh[t, d]
+                scores[t] = a0
+            top = scores.max()
             total = np.float32(0.0)
-            for j in range(pos + 1):
-                scores[j] = math.exp(scores[j] - top)
-                total += scores[j]
+            for t in range(n_keys):
+                e = np.float32(math.exp(scores[t] - top))
+                scores[t] = e
+                total += e
             acc = np.zeros(D, dtype=np.float32)
-            for j in range(pos + 1):
-                p = scores[j] / total
+            j = 0
+            while j + 4 <= n_keys:
+                p0, p1, p2, p3 = scores[j], scores[j + 1], scores[j + 2], scores[j + 3]
                 for d in range(D):
-                    acc[d] += p * V[hd, j, d]
+                    acc[d] += p0 * Vh[j, d] + p1 * Vh[j + 1, d] + p2 * Vh[j + 2, d] + p3 * Vh[j + 3, d]
+                j += 4
+            for t in range(j, n_keys):
+                p0 = scores[t]
+                for d in range(D):
+                    acc[d] += p0 * Vh[t, d]
+            inv = np.float32(1.0) / total
             for d in range(D):
-                att[hd * D + d] = acc[d]
+                att[hd * D + d] = acc[d] * inv
 
         for n in numba.prange(E):  # x + out_proj(att) + fc_out(m): one pass over both weights
             y = np.float32(0.0)
             for k in range(E):
-                y += att[k] * w_o[n, k]
+                y += att[k] * np.float32(w_o[n, k])
             z = np.float32(0.0)
             for k in range(n_in):
-                z += m[k] * w_out[n, k]
-            out[n] = x[n] + (y + z + b_out[n])
+                z += m[k] * np.float32(w_out[n, k])
+            out[n] = x[n] + (y * s_o[n] + z * s_out[n] + b_out[n])
 
 GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the activation the kernel computes
 
 
+MATRICES = (2, 4, 7, 9)  # the weight matrices among block_step's tensors; the others are fp32 vectors
+
+
 def can_run(weights: list[torch.Tensor], activation: str, cache_dtype: torch.dtype) -> bool:
-    """Whether `block_step` computes a block with these weights (ln_1 weight and bias, qkv, fc_in and
-    its bias, out_proj, fc_out and its bias): numba, fp32 CPU tensors, a tanh GELU, inference."""
+    """Whether `block_step` computes a block with these tensors (ln_1 weight and bias; qkv and its
+    scales; fc_in, its scales and bias; out_proj and its scales; fc_out, its scales and bias): numba,
+    CPU tensors, fp32 or int8 matrices, fp32 everything else, a tanh GELU, inference."""
     return (_numba.numba_ok() and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and cache_dtype == torch.float32 and activation in GELU_TANH and len(weights) == 8
-            and all(w is not None and w.dtype == torch.float32 and w.device.type == "cpu" for w in weights))
+            and cache_dtype == torch.float32 and activation in GELU_TANH and len(weights) == 12
+            and all(w is not None and w.device.type == "cpu"
+                    and w.dtype in ((torch.float32, torch.int8) if i in MATRICES else (torch.float32,))
+                    for i, w in enumerate(weights)))
 
 
 def block_step(weights: list[torch.Tensor], eps: float, n_head: int, x: torch.Tensor, cos: torch.Tensor,
@@ -125,7 +158,7 @@ def block_step(weights: list[torch.Tensor], eps: float, n_head: int, x: torch.Te
     weights: as for can_run; cos, sin: the rotary table rows for `pos`. Callers check can_run first."""
     out = torch.empty_like(x)
     set_threads()
-    ln_w, ln_b, w_qkv, w_in, b_in, w_o, w_out, b_out = (w.detach().numpy() for w in weights)
-    _block_numba(x.numpy(), ln_w, ln_b, eps, w_qkv, w_in, b_in, w_o, w_out, b_out, cos.numpy(), sin.numpy(),
-                 K.numpy(), V.numpy(), pos, n_head, out.numpy())
+    _block_numba(x.numpy(), *(w.detach().numpy() for w in weights[:2]), eps,
+                 *(w.detach().numpy() for w in weights[2:]), cos.numpy(), sin.numpy(), K.numpy(), V.numpy(), pos,
+                 n_head, out.numpy())
     return out
