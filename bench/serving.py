@@ -194,7 +194,6 @@ def main() -> None:
               f"p95 {row['latency_p95_s'] * 1000:.0f} ms over {row['positions']} positions")
     if args.editor_only:
         write_json(args.out, results)
-        print(f"wrote {args.out}")
         return
     ours = {r["clients"]: r for r in results["load"]["codegen-lm"]}
     hf = {r["clients"]: r for r in results["load"]["transformers generate"]}
@@ -207,7 +206,6 @@ def main() -> None:
           f"{r['ttft_p95_vs_transformers']:.2f}x of transformers'")
     write_json(args.out, results)
     plot(results, args.plot or args.out.with_suffix(".png"))
-    print(f"wrote {args.out}")
 
 
 def plot(results: dict, path: Path) -> None:
