@@ -130,9 +130,7 @@ def test_token_healing_allows_exactly_the_tokens_that_extend_the_removed_bytes(m
             expected = torch.tensor([b.startswith(removed) for b in table])
             assert torch.equal(healer._allowed(token, removed), expected), (token, removed)
     table[:3] = [b"\xff", b"\xff\xff", b"a\xff"]  # 0xff stems, and the byte order rebuilt for them
-    healer._order = sorted(range(len(table)), key=table.__getitem__)
-    healer._sorted = [table[t] for t in healer._order]
-    healer._masks.clear()
+    healer.index()
     for token, removed in ((0, b"\xff"), (2, b"a\xff"), (1, b"\xff\xff")):
         expected = torch.tensor([b.startswith(removed) for b in table])
         assert torch.equal(healer._allowed(token, removed), expected), removed

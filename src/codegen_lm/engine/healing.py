@@ -47,9 +47,14 @@ class TokenHealer:
                     self.token_bytes[token] = piece.encode()
         self.device = torch.device(device)
         self._masks: OrderedDict[int, torch.Tensor] = OrderedDict()
-        # tokens in byte order: those that start with some bytes are one run of it, found by bisection
-        self._order = sorted(range(vocab_size), key=self.token_bytes.__getitem__)
+        self.index()
+
+    def index(self) -> None:
+        """Sort the tokens by their bytes (again, after token_bytes changed): the tokens that start with
+        some bytes are then one run of that order, found by bisection."""
+        self._order = sorted(range(len(self.token_bytes)), key=self.token_bytes.__getitem__)
         self._sorted = [self.token_bytes[t] for t in self._order]
+        self._masks.clear()
 
     def heal(self, prompt_ids: Sequence[int]) -> Healed | None:
         """The prompt with its last token backed off, or None when there is nothing to heal (a one-token
