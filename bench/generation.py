@@ -32,8 +32,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_LEN, NEW_TOKENS, PREFILL_LEN, SAMPLES = 128, 128, 512, 20
-ENGINES = ["codegen-lm fp32", "codegen-lm int8", "codegen-lm int8 speculative", "codegen-lm bf16",
-           "codegen-lm bf16 matmul", "transformers fp32", "ctranslate2 fp32", "ctranslate2 int8"]
+ENGINES = ["codegen-lm fp32", "codegen-lm int8", "codegen-lm int8 w8a8", "codegen-lm int8 speculative",
+           "codegen-lm bf16", "codegen-lm bf16 matmul", "transformers fp32", "ctranslate2 fp32", "ctranslate2 int8"]
 BASELINE = " (baseline)"  # suffix of the engines run from --baseline's source tree
 
 
@@ -71,6 +71,11 @@ def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int
     from codegen_lm import CodeGenForCausalLM
     from codegen_lm.engine import Engine, GenerationParams
 
+    try:
+        from codegen_lm.engine.weights import plans
+    except ImportError:  # a --baseline checkout from before the kernel registry
+        plans = None
+
     torch.set_num_threads(threads)
     model = CodeGenForCausalLM.from_pretrained(folder, quantize=quantize, dtype=dtype)
     try:  # the prefix cache off: repeated prompts would hit it, and the competitors have none
@@ -103,6 +108,7 @@ def run_codegen_lm(folder: str, quantize: str | None, threads: int, repeats: int
         "greedy_n_s": timed(lambda: gen(prompt, 1, NEW_TOKENS, False), repeats),
         "samples_1_s": timed(lambda: gen(prompt, SAMPLES, 1, True), repeats),
         "samples_n_s": timed(lambda: gen(prompt, SAMPLES, NEW_TOKENS, True), repeats),
+        "kernels": plans(model) if plans else {},
     }
 
 
@@ -171,6 +177,8 @@ def worker(engine: str, hf_dir: str, ct2_dir: str, threads: int, repeats: int) -
         result = run_codegen_lm(hf_dir, None, threads, repeats)
     elif name == "codegen-lm int8":
         result = run_codegen_lm(hf_dir, "int8", threads, repeats)
+    elif name == "codegen-lm int8 w8a8":  # int8 weights, the blocks' activations quantized to int8 per row
+        result = run_codegen_lm(hf_dir, "int8", threads, repeats, matmul="int8")
     elif name == "codegen-lm int8 speculative":
         result = run_codegen_lm(hf_dir, "int8", threads, repeats, speculative=True)
     elif name == "codegen-lm bf16":  # bf16 weights: the model's blocks in bf16
@@ -303,9 +311,10 @@ def main() -> None:
     results = {}
     for engine, runs in raw.items():
         if runs:
-            merged = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+            merged = {key: statistics.median(r[key] for r in runs) for key in runs[0] if key != "kernels"}
             merged["peak_rss_bytes"] = max(r.get("peak_rss_bytes", 0) for r in runs)
             results[engine] = summarise(merged)
+            results[engine]["kernels"] = runs[-1].get("kernels", {})
     cpu = cpu_name()
     print(f"\ncodegen-{args.shape} shape, random fp32 weights, {args.threads} threads, medians of {args.rounds} "
           f"rounds x {args.repeats} repeats, on {cpu}")
@@ -315,6 +324,8 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:<28} {fmt(r['greedy_decode_tok_s'], '.2f'):>12} {fmt(r['samples_decode_tok_s'], '.1f'):>17} "
               f"{fmt(r['samples_wall_s'], '.2f'):>10} {fmt(r['prefill_512_s'], '.2f'):>12} {r['peak_rss_gb']:>11.2f}")
+        for kind, plan in r.get("kernels", {}).items():
+            print(f"{'':<28} {kind} products: {plan}")
         if "acceptance_rate" in r:
             print(f"{'':<28} prompt lookup: {r['acceptance_rate']:.0%} of guesses accepted, "
                   f"{r['tokens_per_pass']:.2f} tokens per forward pass")

@@ -2,7 +2,9 @@
 
 - int8: int8 weight-only quantization (--quantize int8);
 - bf16: bf16 weights (--dtype bfloat16: the model's blocks in bf16);
-- bf16-matmul: fp32 weights, the products of prefill and batched decoding in bf16 (--matmul-dtype).
+- bf16-matmul: fp32 weights, the products of prefill and batched decoding in bf16 (--matmul-dtype);
+- w8a8: int8 weights and every product int8 x int8, activations quantized per row
+  (--quantize int8 --matmul-dtype int8).
 
 Two measures, both through the engine's own forward pass (engine/runner.py):
 - teacher-forced: both read the same held-out code; at every position compare the argmax (the token
@@ -12,7 +14,7 @@ Two measures, both through the engine's own forward pass (engine/runner.py):
   and count the positions where the two token streams agree, and the completions that are identical
   (after the first divergence the contexts differ, so this is the stricter figure).
 
-    python bench/precision_quality.py --variant int8|bf16|bf16-matmul [--model codegen-lm-mini]
+    python bench/precision_quality.py --variant int8|bf16|bf16-matmul|w8a8 [--model codegen-lm-mini]
         [--data runs/default-model/data]
 
 Without --data, the held-out text is this package's own source code (never seen in training).
@@ -38,7 +40,8 @@ from codegen_lm.engine.runner import Row, run
 from codegen_lm.engine.slot_cache import SlotCache
 from codegen_lm.engine.weights import prepare
 
-VARIANTS = {"int8": dict(quantize="int8"), "bf16": dict(dtype=torch.bfloat16), "bf16-matmul": dict(matmul="bfloat16")}
+VARIANTS = {"int8": dict(quantize="int8"), "bf16": dict(dtype=torch.bfloat16), "bf16-matmul": dict(matmul="bfloat16"),
+            "w8a8": dict(quantize="int8", matmul="int8")}
 
 
 class Variant:
@@ -48,7 +51,7 @@ class Variant:
                  matmul: str = "float32") -> None:
         self.name = name
         self.model = CodeGenForCausalLM.from_pretrained(model_name, dtype=dtype, quantize=quantize).eval()
-        prepare(self.model)
+        prepare(self.model, w8a8=matmul == "int8", bf16=matmul == "bfloat16")
         self.matmul = matmul
 
     @torch.inference_mode()

@@ -16,16 +16,7 @@ def write_json(path: Path, data: Any) -> None:
 def cpu_description() -> str:
     """"AMD EPYC (avx2, avx512f, avx512_bf16, ...)": the CPU model and the vector / matrix features that
     decide which kernels are fast. This project's machines change CPU between boots, so every figure
-    is reported with this."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and model == "unknown CPU":
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    wanted = ["avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8"]
-    return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+    is reported with this (the same text the kernel registry's cache records)."""
+    from codegen_lm.kernels.cpu import description
+
+    return description()

@@ -3,6 +3,7 @@ client as the load generator.
 
 Servers (each its own process, started and measured one after the other):
 - codegen-lm serve (continuous batching, --max-batch 16);
+- codegen-lm serve --matmul-dtype int8: the same, every product int8 x int8 (activations quantized per row);
 - (a) codegen-lm serve --max-batch 1: the same server without continuous batching;
 - (b) transformers' generate behind the same web framework, one request at a time (bench/hf_server.py).
 
@@ -21,6 +22,7 @@ A codegen-350M-mono-shaped checkpoint with random fp32 weights, 2 threads per se
 
     python bench/serving.py [--shape 350M] [--levels 1,4,16,32] [--out bench/results/serving.json]
     python bench/serving.py --editor-only    # part 2 alone, codegen-lm serve only (about 5 minutes)
+    python bench/serving.py --levels 32 --peers "codegen-lm --matmul-dtype int8,transformers generate"
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/codegen-bench"))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serving.json")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of latency vs load (default: next to --out)")
+    parser.add_argument("--peers", default=None,
+                        help="comma-separated servers to run (default: all); the editor sessions run with codegen-lm")
     parser.add_argument("--editor-only", action="store_true",
                         help="only the editor sessions against codegen-lm serve (no load levels, no peers)")
     args = parser.parse_args()
@@ -158,11 +162,21 @@ def main() -> None:
     print(f"codegen-{args.shape} shape, random fp32 weights, 2 threads per server, on {cpu}", flush=True)
     peers = {
         "codegen-lm": lambda: Server(folder, "--max-batch", "16", "--threads", "2"),
+        "codegen-lm --matmul-dtype int8": lambda: Server(folder, "--max-batch", "16", "--threads", "2",
+                                                         "--matmul-dtype", "int8"),
         "codegen-lm --max-batch 1": lambda: Server(folder, "--max-batch", "1", "--threads", "2"),
         "transformers generate": lambda: start_hf(folder),
     }
     results: dict = {"cpu": cpu, "shape": args.shape, "max_tokens": MAX_TOKENS, "load": {}, "editor": {}}
     editors = [("int8 + prefix cache", ("--quantize", "int8"), 30), ("no prefix cache", ("--prefix-cache-mb", "0"), 10)]
+    if args.peers:
+        wanted = [p.strip() for p in args.peers.split(",")]
+        unknown = [p for p in wanted if p not in peers]
+        if unknown:
+            parser.error(f"--peers: unknown {', '.join(unknown)} (choose from {', '.join(peers)})")
+        peers = {name: start for name, start in peers.items() if name in wanted}
+        if "codegen-lm" not in peers:
+            editors = []
     if args.editor_only:
         peers = {}
         editors.insert(0, ("prefix cache", (), 30))
@@ -195,15 +209,17 @@ def main() -> None:
     if args.editor_only:
         write_json(args.out, results)
         return
-    ours = {r["clients"]: r for r in results["load"]["codegen-lm"]}
-    hf = {r["clients"]: r for r in results["load"]["transformers generate"]}
     top = max(levels)
-    results["ratios_at_most_clients"] = {
-        "clients": top, "throughput_vs_transformers": ours[top]["throughput_tok_s"] / hf[top]["throughput_tok_s"],
-        "ttft_p95_vs_transformers": ours[top]["ttft_p95_s"] / hf[top]["ttft_p95_s"]}
-    r = results["ratios_at_most_clients"]
-    print(f"at {top} clients: throughput {r['throughput_vs_transformers']:.2f}x transformers, TTFT p95 "
-          f"{r['ttft_p95_vs_transformers']:.2f}x of transformers'")
+    if "transformers generate" in results["load"]:
+        hf = {r["clients"]: r for r in results["load"]["transformers generate"]}[top]
+        results["ratios_at_most_clients"] = {"clients": top}
+        for name in [n for n in ("codegen-lm", "codegen-lm --matmul-dtype int8") if n in results["load"]]:
+            ours = {r["clients"]: r for r in results["load"][name]}[top]
+            r = results["ratios_at_most_clients"][name] = {
+                "throughput_vs_transformers": ours["throughput_tok_s"] / hf["throughput_tok_s"],
+                "ttft_p95_vs_transformers": ours["ttft_p95_s"] / hf["ttft_p95_s"]}
+            print(f"{name} at {top} clients: throughput {r['throughput_vs_transformers']:.2f}x transformers, "
+                  f"TTFT p95 {r['ttft_p95_vs_transformers']:.2f}x of transformers'")
     write_json(args.out, results)
     plot(results, args.plot or args.out.with_suffix(".png"))
 

@@ -26,6 +26,10 @@ def _restore_torch_threads():
 
 transformers.logging.set_verbosity_error()
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# Kernel choices (kernels/registry.py) are measured into a file of this test run, not the user's cache;
+# commands the tests start inherit it, so they choose as the tests' own engines do.
+os.environ["CODEGEN_LM_KERNEL_CACHE"] = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"codegen-lm-test-kernels-{os.getpid()}.json")
 
 # Shapes the parity tests run on: head_dim > rotary_dim, rotary over the whole head, heads that
 # straddle the 4 "mp_num" blocks of the fused projection, a non-default n_inner and activation.

@@ -79,6 +79,8 @@ def test_generate_escapes_and_dtype(capsys, tiny_checkpoint):
         (["generate", "x", "--model", "M", "--top-p", "0"], "--top-p: 0 is out of range: must be in (0, 1]"),
         (["generate", "x", "--model", "M", "--max-new-tokens", "ten"], "--max-new-tokens: expected an integer"),
         (["generate", "x", "--model", "M", "--dtype", "int4"], "argument --dtype: invalid choice: 'int4'"),
+        (["generate", "x", "--model", "M", "--kernels", "fast"], "argument --kernels: invalid choice: 'fast'"),
+        (["generate", "x", "--model", "M", "--matmul-dtype", "int4"], "argument --matmul-dtype: invalid choice"),
         (["generate", "x", "--model", "M", "--num-samples", "2"], "--num-samples > 1 needs --temperature > 0"),
         (["generate", "", "--model", "M"], "the prompt is empty"),
         (["info", "/no/such/folder"], "/no/such/folder: no such folder"),
@@ -133,3 +135,20 @@ def test_generate_int8_and_speculative(capsys, tiny_checkpoint, expected):
     code, out, err = run_cli(capsys, "generate", "x", "--model", str(tiny_checkpoint), "--speculative",
                              "/no/such/draft")
     assert code == 1 and "--speculative /no/such/draft" in err
+
+
+def test_generate_with_forced_kernels_and_int8_products(capsys, tiny_checkpoint, expected):
+    """--kernels forces a family without changing greedy output; --matmul-dtype int8 runs every
+    product int8 x int8 (its text may differ: it is only checked to be a completion)."""
+    for kernels in ("torch", "numba", "onednn"):
+        code, out, err = run_cli(capsys, "generate", "def add(a, b):", "--model", str(tiny_checkpoint),
+                                 "--max-new-tokens", "12", "--kernels", kernels)
+        assert code == 0, err
+        assert out == "def add(a, b):" + expected + "\n", kernels
+    code, out, err = run_cli(capsys, "generate", "def add(a, b):", "--model", str(tiny_checkpoint),
+                             "--max-new-tokens", "12", "--matmul-dtype", "int8", "--quantize", "int8")
+    assert code == 0, err
+    assert out.startswith("def add(a, b):") and len(out) > len("def add(a, b):\n")
+    code, out, err = run_cli(capsys, "generate", "x", "--model", str(tiny_checkpoint), "--matmul-dtype", "int8",
+                             "--compile")
+    assert code == 1 and "compile=True" in err and err.count("\n") == 1

@@ -95,9 +95,15 @@ def add_engine_options(parser: argparse.ArgumentParser, prefix_cache: bool = Tru
     """Options of the inference engine that a command creates."""
     from ..engine.prefix_cache import DEFAULT_MB
 
-    parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16", "auto"], default="float32",
-                        help="products of prefill and batched decoding in bf16 on the CPU (auto: where the CPU "
-                             "multiplies bf16 in hardware, AVX512-BF16 or AMX); default float32, exact")
+    parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16", "int8", "auto"], default="float32",
+                        help="bfloat16: products of prefill and batched decoding in bf16 on the CPU (auto: where "
+                             "the CPU multiplies bf16 in hardware, AVX512-BF16 or AMX); int8: every product "
+                             "int8 x int8, activations quantized per row (fastest on most CPUs, changes the "
+                             "numbers more); default float32, exact")
+    parser.add_argument("--kernels", choices=["auto", "numba", "onednn", "torch"], default="auto",
+                        help="which kernels run the matrix products: auto (default: the fastest on this machine, "
+                             "measured at the first start and cached in ~/.cache/codegen-lm/kernels.json) or one "
+                             "family, where it has a path")
     if prefix_cache:
         parser.add_argument("--prefix-cache-mb", type=number(float, 0, what="must be >= 0"), default=DEFAULT_MB,
                             help=f"memory for prompts' keys and values kept for reuse (default {DEFAULT_MB}; 0: off)")
@@ -105,7 +111,7 @@ def add_engine_options(parser: argparse.ArgumentParser, prefix_cache: bool = Tru
 
 def engine_options(args: argparse.Namespace) -> dict:
     """The Engine keyword arguments that add_engine_options' options set."""
-    options = {"matmul_dtype": args.matmul_dtype}
+    options = {"matmul_dtype": args.matmul_dtype, "kernels": args.kernels}
     if hasattr(args, "prefix_cache_mb"):
         options["prefix_cache_mb"] = args.prefix_cache_mb
     return options

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..kernels import onednn, openmp
+from ..kernels import numba_ok, onednn, openmp
+from ..kernels.registry import FAMILIES
 from .beams import BeamSearch
 from .healing import TokenHealer
 from .params import GenerationParams, RequestOutput, SequenceOutput, StreamEvent
@@ -147,6 +148,7 @@ class Engine:
         speculative: str | nn.Module | None = None,
         speculative_tokens: int = SPECULATIVE_TOKENS,
         matmul_dtype: str = "float32",
+        kernels: str = "auto",
     ) -> None:
         """max_batch: KV slots (samples decoded together). max_seq_len: longest prompt + completion
         (default: the model's context). pack_weights: keep a oneDNN copy of every fp32 weight on the
@@ -160,10 +162,16 @@ class Engine:
         with speculative_tokens guesses per step; None: no speculation unless a request asks for it.
         matmul_dtype: "bfloat16" runs the products of prefill and batched decoding in bf16 on the CPU
         (everything else stays fp32; see runner.run), "auto" where the CPU multiplies bf16 in hardware
-        (AVX512-BF16, AMX), "float32" (the default) keeps every product fp32, token-identical to
-        transformers."""
-        if matmul_dtype not in ("float32", "bfloat16", "auto"):
-            raise ValueError(f"matmul_dtype must be float32, bfloat16 or auto, got {matmul_dtype!r}")
+        (AVX512-BF16, AMX), "int8" runs every product (the lm_head's too) as int8 x int8 (int8 weights,
+        made from fp32 ones at start, and activations quantized per row on the fly: kernels/w8a8.py;
+        CPU only, batch-1 decoding included), "float32" (the default) keeps every product fp32,
+        token-identical to transformers. kernels: which kernel paths run the products, "auto" (the
+        fastest on this machine, measured once and cached: kernels/registry.py) or a family to force
+        ("numba", "onednn", "torch")."""
+        if matmul_dtype not in ("float32", "bfloat16", "int8", "auto"):
+            raise ValueError(f"matmul_dtype must be float32, bfloat16, int8 or auto, got {matmul_dtype!r}")
+        if kernels not in FAMILIES:
+            raise ValueError(f"kernels must be one of {', '.join(FAMILIES)}, got {kernels!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if not prefix_cache_mb >= 0:
@@ -175,10 +183,16 @@ class Engine:
                 raise ValueError(f"{name} has an unmerged LoRA adapter, which the engine would skip: merge it "
                                  "into the weights first (codegen_lm.lora.merge_lora)")
         self.model = model.eval()
-        prepare(model, pack_weights)
+        if matmul_dtype == "int8" and model.transformer.wte.weight.device.type != "cpu":
+            raise ValueError("matmul_dtype int8 runs on the CPU only (use --quantize int8 on a GPU)")
+        if matmul_dtype == "int8" and (compile or not numba_ok()):
+            raise ValueError("matmul_dtype int8 runs in the engine's CPU kernels, which "
+                             + ("compile=True replaces" if compile else "need numba (not installed or switched off)"))
         if matmul_dtype == "auto":
             matmul_dtype = "bfloat16" if onednn.bf16_native() else "float32"
+        prepare(model, pack_weights, kernels, w8a8=matmul_dtype == "int8", bf16=matmul_dtype == "bfloat16")
         self.matmul_dtype = getattr(torch, matmul_dtype)
+        self.kernels = kernels
         self.tokenizer = tokenizer
         config = model.config
         self.max_seq_len = min(max_seq_len or config.n_positions, config.n_positions)
@@ -193,7 +207,7 @@ class Engine:
                 raise ValueError(f"the draft model's vocabulary ({speculative.config.vocab_size}) differs from the "
                                  f"target's ({config.vocab_size})")
             self.max_seq_len = min(self.max_seq_len, speculative.config.n_positions)
-            self.draft = DraftModel(speculative, max_batch, self.max_seq_len, pack_weights)
+            self.draft = DraftModel(speculative, max_batch, self.max_seq_len, pack_weights, kernels)
             self.speculative = "draft"
         self.max_batch = max_batch
         self.device = model.transformer.wte.weight.device

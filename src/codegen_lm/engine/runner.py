@@ -27,9 +27,9 @@ from torch import nn
 
 from ..kernels import attention as attn_kernels
 from ..kernels import block as block_kernel
-from ..kernels import numba_ok, onednn
+from ..kernels import numba_ok, onednn, registry
 from .slot_cache import SlotCache
-from .weights import PackedLinear, packed_weight
+from .weights import packed_weight, product
 
 
 @dataclass
@@ -59,10 +59,14 @@ def run(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared: Groups 
     model's own blocks (default `forward_slots`; the engine passes a compiled one with compile=True).
     matmul_dtype bfloat16: the CPU pass runs the products of the blocks in bf16 (activations rounded to
     bf16 at each product's input, fp32 accumulation and everything else in fp32: LayerNorms, residual
-    stream, attention, keys and values, and the lm_head, so that logits stay fp32 products)."""
+    stream, attention, keys and values, and the lm_head, so that logits stay fp32 products).
+    matmul_dtype int8: every product, the lm_head's included, is int8 x int8 (activations quantized
+    per row, see kernels/w8a8.py; weights.prepare(w8a8=True) must have planned them); the rest as
+    for bf16."""
     cache.ensure(max(r.start + len(r.tokens) for r in rows))
     if blocks is None and _kernels_apply(model, cache):
-        return _run_kernels(model, cache, rows, shared, matmul_dtype == torch.bfloat16)
+        mode = {torch.bfloat16: "bf16", torch.int8: "w8a8"}.get(matmul_dtype, "fp32")
+        return _run_kernels(model, cache, rows, shared, mode)
     return _run_blocks(model, cache, rows, blocks or forward_slots)
 
 
@@ -113,47 +117,49 @@ def _one_token(model: nn.Module, cache: SlotCache, row: Row) -> torch.Tensor | N
     return model.lm_head(tf.ln_f(x[None]))
 
 
-def _bf16_linear(linear: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """linear(x) as a bf16 product with an fp32 result (the engine's PackedLinears keep bf16 copies of
-    their weights; a plain nn.Linear is converted on the fly), or None for int8 modules."""
-    if isinstance(linear, PackedLinear):
-        w, b = linear.bf16_weights()
-    elif isinstance(linear, nn.Linear):
-        w = linear.weight.to(torch.bfloat16)
-        b = None if linear.bias is None else linear.bias.to(torch.bfloat16)
-    else:
+def _other_product(linear: nn.Module, x: torch.Tensor, mode: str) -> torch.Tensor | None:
+    """linear(x) as a bf16 or int8 x int8 product (mode) through the module's plan for it, or None for
+    fp32 (and for int8 weights in bf16 mode: they have no bf16 plan)."""
+    if mode == "fp32":
         return None
-    return F.linear(x.to(torch.bfloat16), w, b).float()
+    out = product(linear, x, mode)
+    if out is None and mode == "bf16" and isinstance(linear, nn.Linear):  # not prepared: converted on the fly
+        out = registry.BY_NAME["torch-bf16"].run(linear.weight.to(torch.bfloat16), x)
+        if linear.bias is not None:
+            out += linear.bias
+    if out is None and mode == "w8a8" and isinstance(linear, nn.Linear):
+        raise ValueError("int8 x int8 products need the model prepared for them (weights.prepare(w8a8=True))")
+    return out
 
 
 def _product(linear: nn.Module, x: torch.Tensor, act: Callable | None = None,
-             fused: tuple[str, str] | None = None, bf16: bool = False) -> torch.Tensor:
-    """act(linear(x)), through the packed weight (with the activation fused) where there is one; with
-    bf16, as a bf16 product."""
-    out = _bf16_linear(linear, x) if bf16 else None
+             fused: tuple[str, str] | None = None, mode: str = "fp32") -> torch.Tensor:
+    """act(linear(x)), through the packed weight (with the activation fused) where the plan uses it
+    for this many rows; in bf16 or w8a8 mode, as such a product."""
+    out = _other_product(linear, x, mode)
     if out is not None:
         return act(out) if act is not None else out
-    w = packed_weight(linear)
+    w = packed_weight(linear, x.shape[0])
     if w is not None and (act is None or fused is not None):
         return onednn.packed_linear(x, w, linear.bias, fused or ("none", ""))
     out = linear(x)
     return act(out) if act is not None else out
 
 
-def _product_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor, bf16: bool = False) -> torch.Tensor:
-    """residual + linear(x), the add fused into the packed product where there is one."""
-    out = _bf16_linear(linear, x) if bf16 else None
+def _product_add(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor, mode: str = "fp32") -> torch.Tensor:
+    """residual + linear(x), the add fused into the packed product where the plan uses it."""
+    out = _other_product(linear, x, mode)
     if out is not None:
         return residual + out
-    w = packed_weight(linear)
+    w = packed_weight(linear, x.shape[0])
     if w is not None:
         return onednn.packed_linear_add(x, residual, w, linear.bias)
     return residual + linear(x)
 
 
 def _run_kernels(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared: Groups,
-                 bf16: bool = False) -> torch.Tensor:
-    if len(rows) == 1 and len(rows[0].tokens) == 1:
+                 mode: str = "fp32") -> torch.Tensor:
+    if len(rows) == 1 and len(rows[0].tokens) == 1 and mode != "w8a8":  # (the block kernel is weight-only)
         logits = _one_token(model, cache, rows[0])
         if logits is not None:
             return logits if rows[0].logits_count else logits[:0]
@@ -191,8 +197,8 @@ def _run_kernels(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared
         attn, mlp, ln = block.attn, block.mlp, block.ln_1
         K, V = cache.keys[layer], cache.values[layer]
         h = F.layer_norm(x, width, ln.weight, ln.bias, ln.eps)
-        qkv = _product(attn.qkv_proj, h, bf16=bf16)
-        m = _product(mlp.fc_in, h, mlp.act, fused, bf16)
+        qkv = _product(attn.qkv_proj, h, mode=mode)
+        m = _product(mlp.fc_in, h, mlp.act, fused, mode)
         a = torch.empty_like(x)
         if S:
             q = attn_kernels.rotary_store(qkv[:S], cos[:S], sin[:S], K, V, slots_np[:S], pos_np[:S])
@@ -204,8 +210,8 @@ def _run_kernels(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared
                                           pos_np[o : o + T])
             place = cache.phys[r.slot]
             a[o : o + T] = _chunk_attention(q, K[place], V[place], r.start)
-        x = _product_add(mlp.fc_out, m, x, bf16)  # x + fc_out(m)
-        x = _product_add(attn.out_proj, a, x, bf16)  # ... + out_proj(attention)
+        x = _product_add(mlp.fc_out, m, x, mode)  # x + fc_out(m)
+        x = _product_add(attn.out_proj, a, x, mode)  # ... + out_proj(attention)
     wanted = []
     for i, r in enumerate(rows):
         if r.logits == "all":
@@ -215,7 +221,7 @@ def _run_kernels(model: nn.Module, cache: SlotCache, rows: Sequence[Row], shared
     if not wanted:
         return x.new_empty(0, model.config.vocab_size)
     h = F.layer_norm(x[torch.tensor(wanted, dtype=torch.long)], width, tf.ln_f.weight, tf.ln_f.bias, tf.ln_f.eps)
-    return _product(model.lm_head, h)
+    return _product(model.lm_head, h, mode="w8a8" if mode == "w8a8" else "fp32")
 
 
 def _chunk_attention(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, start: int) -> torch.Tensor:

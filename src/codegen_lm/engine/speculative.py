@@ -70,9 +70,10 @@ def prompt_lookup(context: Sequence[int], k: int, max_ngram: int = 3, min_ngram:
 class DraftModel:
     """Greedy guesses from a draft model, batched over the rows that ask for them."""
 
-    def __init__(self, model: nn.Module, slots: int, max_len: int, pack_weights: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, slots: int, max_len: int, pack_weights: bool | None = None,
+                 kernels: str = "auto") -> None:
         self.model = model.eval()
-        prepare(self.model, pack_weights)
+        prepare(self.model, pack_weights, kernels)
         c = model.config
         self.cache = SlotCache(c.n_layer, slots, c.n_head, c.head_dim, max_len, model.dtype, model.device)
 

@@ -36,6 +36,11 @@ def f32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
     if (not _numba.numba_ok() or x.device.type != "cpu" or x.shape[0] > F32_ROWS or w.numel() < F32_MIN_WEIGHTS
             or torch.is_grad_enabled() or x.dtype != torch.float32 or w.dtype != torch.float32):
         return None
+    return f32_product(x, w)
+
+
+def f32_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] @ w [out, in]^T in numba, fp32 CPU tensors (meant for one row: see f32_matmul)."""
     out = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
     set_threads()
     _f32_mm_numba(x.detach().contiguous().numpy(), w.detach().contiguous().numpy(), out.numpy())

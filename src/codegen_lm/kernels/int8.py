@@ -61,32 +61,51 @@ if _numba.HAVE_NUMBA:
                 out[n, k] = np.float32(w[n, k]) * s
 
 
-def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] (any float dtype) times int8 weights [out, in] with fp32 scales [out] -> [rows, out]."""
-    if _numba.numba_ok() and x.device.type == "cpu" and x.shape[0] <= SMALL_ROWS and not torch.is_grad_enabled():
-        try:
-            xf = x.detach().to(torch.float32).contiguous()
-            out = torch.empty(xf.shape[0], w8.shape[0], dtype=torch.float32)
-            set_threads()
-            args = (xf.numpy(), w8.contiguous().numpy(), scale.contiguous().numpy(), out.numpy())
-            if xf.shape[0] <= DIRECT_ROWS:
-                _int8_mm_numba(*args)
-            else:
-                _int8_mm_rows_numba(*args, 8 * numba.get_num_threads())
-            return out.to(x.dtype)
-        except Exception as exc:
-            warnings.warn(f"numba int8 kernel failed ({exc}); using the dequantizing fallback", stacklevel=2)
-            _numba.HAVE_NUMBA = False
+def numba_product(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] fp32 (rows <= SMALL_ROWS) @ (scale * w8)^T in numba, one pass over the weights."""
+    xf = x.detach().to(torch.float32).contiguous()
+    out = torch.empty(xf.shape[0], w8.shape[0], dtype=torch.float32)
+    set_threads()
+    args = (xf.numpy(), w8.contiguous().numpy(), scale.contiguous().numpy(), out.numpy())
+    if xf.shape[0] <= DIRECT_ROWS:
+        _int8_mm_numba(*args)
+    else:
+        _int8_mm_rows_numba(*args, 8 * numba.get_num_threads())
+    return out
+
+
+def numba_dequant_product(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] fp32 @ (scale * w8)^T: blocks of weight rows dequantized by numba for BLAS."""
+    out = torch.empty(x.shape[0], w8.shape[0], dtype=torch.float32)
+    block = torch.empty(min(_BLOCK, w8.shape[0]), w8.shape[1], dtype=torch.float32)
+    set_threads()
+    for start in range(0, w8.shape[0], _BLOCK):
+        n = min(_BLOCK, w8.shape[0] - start)
+        _dequant_numba(w8[start : start + n].contiguous().numpy(), scale[start : start + n].contiguous().numpy(),
+                       block[:n].numpy())
+        torch.mm(x, block[:n].t(), out=out[:, start : start + n])
+    return out
+
+
+def torch_dequant_product(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] @ (scale * w8)^T in PyTorch alone (any device and dtype), a block of rows at a time."""
     out = torch.empty(x.shape[0], w8.shape[0], dtype=x.dtype, device=x.device)
-    if _numba.numba_ok() and x.device.type == "cpu" and x.dtype == torch.float32:
-        block = torch.empty(min(_BLOCK, w8.shape[0]), w8.shape[1], dtype=torch.float32)
-        for start in range(0, w8.shape[0], _BLOCK):
-            n = min(_BLOCK, w8.shape[0] - start)
-            _dequant_numba(w8[start : start + n].contiguous().numpy(), scale[start : start + n].contiguous().numpy(),
-                           block[:n].numpy())
-            torch.mm(x, block[:n].t(), out=out[:, start : start + n])
-        return out
     for start in range(0, w8.shape[0], _BLOCK):
         block = w8[start : start + _BLOCK].to(x.dtype) * scale[start : start + _BLOCK, None].to(x.dtype)
         out[:, start : start + _BLOCK] = x @ block.t()
     return out
+
+
+def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] (any float dtype) times int8 weights [out, in] with fp32 scales [out] -> [rows, out],
+    by the default rule (an engine's measured choice, registry.py, replaces it)."""
+    cpu_ok = _numba.numba_ok() and x.device.type == "cpu" and not torch.is_grad_enabled()
+    if cpu_ok and x.shape[0] <= SMALL_ROWS:
+        try:
+            return numba_product(x, w8, scale).to(x.dtype)
+        except Exception as exc:
+            warnings.warn(f"numba int8 kernel failed ({exc}); using the dequantizing fallback", stacklevel=2)
+            _numba.HAVE_NUMBA = False
+    if cpu_ok and x.dtype == torch.float32:
+        return numba_dequant_product(x, w8, scale)
+    return torch_dequant_product(x, w8, scale)
