@@ -3,9 +3,12 @@
 - `int8`: int8 weight-only products (numba for a few rows, dequantize + BLAS for many);
 - `f32`: fp32 products of one row with a large weight (batch-1 decoding);
 - `onednn`: oneDNN-packed fp32 weights and products with fused activations and residual adds;
+- `w8a8`: int8 x int8 products, activations quantized per row (fbgemm, oneDNN);
 - `attention`: decode-step rotary + cache writes and attention over cache slots;
 - `draw`: the sampler's one-pass inverse-CDF draw;
-- `block`: a whole transformer block for one token as one call (batch-1 decoding).
+- `block`: a whole transformer block for one token as one call (batch-1 decoding);
+- `registry`: every product path, whether it can run on this machine, and the choice among them,
+  measured per machine and cached; `cpu`: the CPU's model and features, which the choice is keyed by.
 
 Everything here works on tensors and arrays only: nothing imports the model or the engine. numba is
 optional; `numba_ok()` says whether its kernels may run (not installed, CODEGEN_LM_NO_NUMBA set, or a

@@ -151,7 +151,7 @@ class Plan:
         return list(dict.fromkeys(name for _, name in self.choices))
 
     def describe(self) -> str:
-        """"1 row: numba-f32-row; 2-8: onednn-f32-packed; ...", for logs and benchmark reports."""
+        """"1 row: numba-f32-row; 2-4 rows: onednn-f32-packed; ...", for logs and benchmark reports."""
         parts, low = [], 1
         for limit, name in self.choices:
             band = f"{low}+" if limit is None else ("1 row" if limit == 1 else f"{low}-{limit}")
