@@ -98,8 +98,8 @@ def add_engine_options(parser: argparse.ArgumentParser, prefix_cache: bool = Tru
     parser.add_argument("--matmul-dtype", choices=["float32", "bfloat16", "int8", "auto"], default="float32",
                         help="bfloat16: products of prefill and batched decoding in bf16 on the CPU (auto: where "
                              "the CPU multiplies bf16 in hardware, AVX512-BF16 or AMX); int8: every product "
-                             "int8 x int8, activations quantized per row (fastest on most CPUs, changes the "
-                             "numbers more); default float32, exact")
+                             "int8 x int8, activations quantized per row (the fastest prefill and "
+                             "batches where measured; changes the numbers more); default float32, exact")
     parser.add_argument("--kernels", choices=["auto", "numba", "onednn", "torch"], default="auto",
                         help="which kernels run the matrix products: auto (default: the fastest on this machine, "
                              "measured at the first start and cached in ~/.cache/codegen-lm/kernels.json) or one "

@@ -6,12 +6,14 @@ computes all of them in one pass over the weights (the products see every token 
 matrix) and returns the logits each row asked for.
 
 On the CPU in fp32 (int8 weights included) the pass is written out here layer by layer: one
-LayerNorm, the products through the engine's packed or int8 weights (GELU and the residual adds fused
-into oneDNN's products where the weights are packed), rotary + cache writes and attention in numba
-kernels for single-token rows (each row reads only its own positions; the samples of one prompt read
-the prompt once), and PyTorch's SDPA for rows of several tokens. A step of exactly one token runs each
-block as one numba call (kernels/block.py). Elsewhere (GPU, bf16/fp16 weights, no numba, autograd,
-torch.compile) the model's own blocks run, once per run of rows that line up.
+LayerNorm, the products through the kernel paths the engine planned for this many rows
+(engine/weights.py, kernels/registry.py; GELU and the residual adds fused into oneDNN's product
+where that is the path), or as bf16 or int8 x int8 products (matmul_dtype), rotary + cache writes
+and attention in numba kernels for single-token rows (each row reads only its own positions; the
+samples of one prompt read the prompt once), and PyTorch's SDPA for rows of several tokens. A step
+of exactly one token runs each block as one numba call (kernels/block.py; not for int8 x int8).
+Elsewhere (GPU, bf16/fp16 weights, no numba, autograd, torch.compile) the model's own blocks run,
+once per run of rows that line up.
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def _other_product(linear: nn.Module, x: torch.Tensor, mode: str) -> torch.Tenso
         out = registry.BY_NAME["torch-bf16"].run(linear.weight.to(torch.bfloat16), x)
         if linear.bias is not None:
             out += linear.bias
-    if out is None and mode == "w8a8" and isinstance(linear, nn.Linear):
+    if out is None and mode == "w8a8":
         raise ValueError("int8 x int8 products need the model prepared for them (weights.prepare(w8a8=True))")
     return out
 
