@@ -1,6 +1,7 @@
 """The kernel registry (kernels/registry.py): every path computes its kind's product, the choice is
 measured, cached per machine and shape, forced by family, and falls back where a path cannot run;
-the engine's int8 x int8 products (matmul_dtype="int8") stay close to fp32."""
+the engine's int8 x int8 products (matmul_dtype="int8") stay close to fp32; the numba kernels around
+them (per-row quantization, tanh GELU) match PyTorch's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from codegen_lm import CodeGenForCausalLM
 from codegen_lm.engine import Engine, GenerationParams, runner
@@ -19,7 +21,7 @@ from codegen_lm.quantize import quantize_weight
 
 from .test_engine import prompts
 
-SHAPES = [(48, 32), (300, 96), (64, 256)]  # [out, in]: small, odd and wide
+SHAPES = [(48, 32), (303, 96), (64, 256), (6, 20), (45, 24)]  # [out, in]: small, odd, wide; out % 4 = 0-3
 ROWS = [1, 3, 17, 70]
 
 
@@ -141,9 +143,10 @@ def test_a_forced_family_and_missing_paths_fall_back(cache_file, monkeypatch):
     registry.forget()
     assert all(registry.BY_NAME[n].family != "numba" for n in registry.choose("int8", shapes).names())
     monkeypatch.setattr(_numba, "HAVE_NUMBA", True)
-    # a CPU without AVX2 has no int8 x int8 path; one with VNNI may use oneDNN's, and fbgemm's 8 bits
+    # a CPU without AVX2 (nor VNNI, AMX) has no int8 x int8 path; one with VNNI may use oneDNN's, and fbgemm's 8 bits
     model, flags = cpu.cpu_info()
-    monkeypatch.setattr(cpu, "cpu_info", lambda: (model, frozenset(flags - {"avx2"})))
+    plain = frozenset(flags - {"avx2", "avx_vnni", "avx512_vnni", "amx_int8"})
+    monkeypatch.setattr(cpu, "cpu_info", lambda: (model, plain))
     assert w8a8.fbgemm_available() == "fbgemm needs AVX2"
     if w8a8.onednn_available() is None:
         pytest.fail("oneDNN's int8 product offered on a CPU without VNNI")
@@ -223,3 +226,44 @@ def test_int8_products_stay_close_to_fp32(tiny_checkpoint, quantize):
         assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="compile=True"):
         Engine(model, matmul_dtype="int8", compile=True)
+
+
+def test_row_quantization_kernel_matches_pytorch(monkeypatch):
+    """int8 x int8's per-row quantization in one numba call (w8a8.quantize_rows) gives PyTorch's scales
+    exactly and its codes but for values within the last bit of a rounding tie; a zero row stays 128."""
+    if not _numba.numba_ok():
+        pytest.skip("numba is not installed")
+    g = torch.Generator().manual_seed(5)
+    for shape in [(1, 1024), (7, 100), (70, 4096), (3, 5)]:
+        x = torch.randn(shape, generator=g) * 3
+        x[:, 0] *= 10
+        x[-1] = 0
+        q, a = w8a8.quantize_rows(x)
+        with monkeypatch.context() as m:
+            m.setattr(_numba, "HAVE_NUMBA", False)
+            q_ref, a_ref = w8a8.quantize_rows(x)
+        assert q.dtype == torch.uint8 and a.shape == (shape[0], 1)
+        assert torch.equal(a, a_ref)
+        differ = q != q_ref
+        assert differ.sum() <= max(1, x.numel() // 10_000) and (q.int() - q_ref.int()).abs().max() <= 1
+        assert torch.all(q[-1] == 128)
+        back = (q.float() - 128) * a / 127
+        assert torch.all((back - x).abs() <= a / 254 * 1.001 + 1e-12)
+
+
+def test_gelu_kernel_matches_pytorch():
+    """The tanh GELU kernel (bf16 and int8 x int8 prefill) is within 1e-6 of float64 GELU, absolute
+    below 1 and relative above, from -100 to 100; it declines what it cannot compute."""
+    from codegen_lm.kernels import gelu
+
+    if not _numba.numba_ok():
+        pytest.skip("numba is not installed")
+    x = torch.cat([torch.linspace(-100, 100, 200_001), torch.randn(9_999, generator=torch.Generator().manual_seed(6))])
+    with torch.inference_mode():
+        ref = F.gelu(x.double(), approximate="tanh")
+        out = gelu.gelu_tanh_(x.clone().view(-1, 7))
+        assert out is not None and out.shape == (len(x) // 7, 7)
+        error = (out.reshape(-1).double() - ref).abs() / ref.abs().clamp(min=1)
+        assert error.max() < 1e-6
+        assert gelu.gelu_tanh_(x.bfloat16()) is None  # another dtype: the caller's own activation
+    assert gelu.gelu_tanh_(x.clone()) is None  # autograd on

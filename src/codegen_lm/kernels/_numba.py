@@ -15,8 +15,18 @@ try:
     if os.environ.get("CODEGEN_LM_NO_NUMBA"):
         raise ImportError("disabled by CODEGEN_LM_NO_NUMBA")
     import numba
+    from numba.core import types
+    from numba.extending import intrinsic
 
     HAVE_NUMBA = True
+
+    @intrinsic
+    def float_from_bits(typingctx, bits):
+        """The float32 whose bits are the int32 `bits` (a register move; numba has no scalar bitcast)."""
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+        return types.float32(types.int32), codegen
 except Exception:  # not installed, or disabled: every kernel has a PyTorch route
     numba = None
     HAVE_NUMBA = False

@@ -24,15 +24,11 @@ import torch
 
 from . import _numba
 from ._numba import numba, set_threads
+from .gelu import GELU_TANH
 
 if _numba.HAVE_NUMBA:
-
-    @numba.njit(fastmath=True, inline="always", error_model="numpy")
-    def _gelu_tanh(u):
-        # tanh(z) = 1 - 2 / (exp(2z) + 1): scalar exp is ~4x cheaper than scalar tanh here
-        z = np.float32(0.7978845608028654) * (u + np.float32(0.044715) * u * u * u)
-        t = np.float32(1.0) - np.float32(2.0) / (math.exp(np.float32(2.0) * z) + np.float32(1.0))
-        return np.float32(0.5) * u * (np.float32(1.0) + t)
+    from .dots import dots4
+    from .gelu import gelu_tanh
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _block_numba(x, ln_w, ln_b, eps, w_qkv, s_qkv, w_in, s_in, b_in, w_o, s_o, w_out, s_out, b_out, cos, sin,
@@ -56,17 +52,20 @@ if _numba.HAVE_NUMBA:
 
         qkv = np.empty(n_qkv, dtype=np.float32)  # both products of h in one pass over their weights
         m = np.empty(n_in, dtype=np.float32)
-        for n in numba.prange(n_qkv + n_in):
-            acc = np.float32(0.0)
-            if n < n_qkv:
-                for k in range(E):
-                    acc += h[k] * np.float32(w_qkv[n, k])
-                qkv[n] = acc * s_qkv[n]
+        groups_qkv = (n_qkv + 3) // 4  # output rows four at a time (dots.py)
+        for g in numba.prange(groups_qkv + (n_in + 3) // 4):
+            if g < groups_qkv:
+                n = 4 * g
+                count = min(4, n_qkv - n)
+                sums = dots4(h, w_qkv, n, count)
+                for i in range(count):
+                    qkv[n + i] = sums[i] * s_qkv[n + i]
             else:
-                i = n - n_qkv
-                for k in range(E):
-                    acc += h[k] * np.float32(w_in[i, k])
-                m[i] = _gelu_tanh(acc * s_in[i] + b_in[i])
+                n = 4 * (g - groups_qkv)
+                count = min(4, n_in - n)
+                sums = dots4(h, w_in, n, count)
+                for i in range(count):
+                    m[n + i] = gelu_tanh(sums[i] * s_in[n + i] + b_in[n + i])
 
         for hd in range(n_head):  # rotary on q and k; k and v into the cache
             q0, k0, v0 = hd * D, E + hd * D, 2 * E + hd * D
@@ -125,17 +124,13 @@ if _numba.HAVE_NUMBA:
             for d in range(D):
                 att[hd * D + d] = acc[d] * inv
 
-        for n in numba.prange(E):  # x + out_proj(att) + fc_out(m): one pass over both weights
-            y = np.float32(0.0)
-            for k in range(E):
-                y += att[k] * np.float32(w_o[n, k])
-            z = np.float32(0.0)
-            for k in range(n_in):
-                z += m[k] * np.float32(w_out[n, k])
-            out[n] = x[n] + (y * s_o[n] + z * s_out[n] + b_out[n])
-
-GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the activation the kernel computes
-
+        for g in numba.prange((E + 3) // 4):  # x + out_proj(att) + fc_out(m): one pass over both weights
+            n = 4 * g
+            count = min(4, E - n)
+            ys = dots4(att, w_o, n, count)
+            zs = dots4(m, w_out, n, count)
+            for i in range(count):
+                out[n + i] = x[n + i] + (ys[i] * s_o[n + i] + zs[i] * s_out[n + i] + b_out[n + i])
 
 MATRICES = (2, 4, 7, 9)  # the weight matrices among block_step's tensors; the others are fp32 vectors
 

@@ -22,18 +22,18 @@ DIRECT_ROWS = 8  # up to this many rows: convert in registers; above: a converte
 _BLOCK = 1024  # weight rows dequantized at a time on the fallback path
 
 if _numba.HAVE_NUMBA:
+    from .dots import dots4
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _int8_mm_numba(x, w, scale, out):
-        rows, k_dim = x.shape
         n_out = w.shape[0]
-        for n in numba.prange(n_out):
-            s = scale[n]
-            for r in range(rows):
-                acc = np.float32(0.0)
-                for k in range(k_dim):
-                    acc += x[r, k] * np.float32(w[n, k])
-                out[r, n] = acc * s
+        for g in numba.prange((n_out + 3) // 4):  # four weight rows at a time (dots.py)
+            n = 4 * g
+            count = min(4, n_out - n)
+            for r in range(x.shape[0]):
+                sums = dots4(x[r], w, n, count)
+                for i in range(count):
+                    out[r, n + i] = sums[i] * scale[n + i]
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _int8_mm_rows_numba(x, w, scale, out, n_chunks):

@@ -46,7 +46,7 @@ BANDS = (1, 4, 16, 32, None)
 TIMED_ROWS = {1: 1, 4: 3, 16: 10, 32: 24, None: 160}
 MARGIN = 0.05  # a path listed later must be this much faster to be chosen (timings on 2 busy cores are noisy)
 MAX_TIMED_OUT = 4096  # output rows of a timed weight at most: time tracks in_features, not the weight's height
-REGISTRY_VERSION = 4  # bumped when paths change, so cached choices from older ones are not trusted
+REGISTRY_VERSION = 5  # bumped when paths change, so cached choices from older ones are not trusted
 
 
 @dataclass(frozen=True)
