@@ -132,6 +132,7 @@ if _numba.HAVE_NUMBA:
             for i in range(count):
                 out[n + i] = x[n + i] + (ys[i] * s_o[n + i] + zs[i] * s_out[n + i] + b_out[n + i])
 
+
 MATRICES = (2, 4, 7, 9)  # the weight matrices among block_step's tensors; the others are fp32 vectors
 
 
