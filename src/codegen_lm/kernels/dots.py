@@ -40,3 +40,16 @@ if _numba.HAVE_NUMBA:
             else:
                 a2 = acc
         return a0, a1, a2, a3
+
+    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
+    def rows_product(x, w, scale, out):
+        """out[r, n] = (x[r] . w[n]) * scale[n] for a few rows x [rows, in], weights w [out, in] fp32 or
+        int8: one pass over the weights, four rows of them at a time, all threads."""
+        n_out = w.shape[0]
+        for g in numba.prange((n_out + 3) // 4):
+            n = 4 * g
+            count = min(4, n_out - n)
+            for r in range(x.shape[0]):
+                sums = dots4(x[r], w, n, count)
+                for i in range(count):
+                    out[r, n + i] = sums[i] * scale[n + i]

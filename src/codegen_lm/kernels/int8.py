@@ -22,18 +22,7 @@ DIRECT_ROWS = 8  # up to this many rows: convert in registers; above: a converte
 _BLOCK = 1024  # weight rows dequantized at a time on the fallback path
 
 if _numba.HAVE_NUMBA:
-    from .dots import dots4
-
-    @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
-    def _int8_mm_numba(x, w, scale, out):
-        n_out = w.shape[0]
-        for g in numba.prange((n_out + 3) // 4):  # four weight rows at a time (dots.py)
-            n = 4 * g
-            count = min(4, n_out - n)
-            for r in range(x.shape[0]):
-                sums = dots4(x[r], w, n, count)
-                for i in range(count):
-                    out[r, n + i] = sums[i] * scale[n + i]
+    from .dots import rows_product
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _int8_mm_rows_numba(x, w, scale, out, n_chunks):
@@ -68,7 +57,7 @@ def numba_product(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> tor
     set_threads()
     args = (xf.numpy(), w8.contiguous().numpy(), scale.contiguous().numpy(), out.numpy())
     if xf.shape[0] <= DIRECT_ROWS:
-        _int8_mm_numba(*args)
+        rows_product(*args)
     else:
         _int8_mm_rows_numba(*args, 8 * numba.get_num_threads())
     return out
