@@ -1,19 +1,29 @@
-"""Quality of a small trained model: held-out loss and perplexity, and how many completions of 50
-function signatures are valid Python.
+"""Quality of a small trained model: held-out loss and perplexity, how many completions of 50
+function signatures are valid Python, and how many of 50 plain headers the command line completes
+into code that parses.
 
 Protocol for the syntax check: each prompt (`bench/signature_prompts.py`) is completed greedily (no
 repetition penalty) with up to --max-new-tokens tokens; the completion ends at eos or before the first
 line that starts at column 0 (the function is over); the prompt plus completion must pass `ast.parse`.
 
+Protocol for the header check: each of 50 plain headers (`bench/header_prompts.py`, no docstring,
+ending in `:`) is completed by `codegen-lm generate HEADER --completion-only` with the command line's
+default settings (its block stop included) plus --cli-options; header + completion must pass
+`ast.parse`. --scan compares candidate default settings on the same headers.
+
     python bench/default_model_quality.py --model codegen-lm-mini --data runs/default-model/data
+    python bench/default_model_quality.py --scan     # the header check under candidate CLI settings
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import io
 import math
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -21,6 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from header_prompts import HEADERS
 from report import write_json
 from signature_prompts import PROMPTS
 
@@ -54,6 +65,35 @@ def syntax_check(model, tok, prompts: list[str], max_new_tokens: int = 256, **pa
     return results
 
 
+# candidate defaults for `codegen-lm generate` (--scan); sampled ones are run with 3 seeds
+SCAN = ["", "--repetition-penalty 1.1", "--repetition-penalty 1.2", "--repetition-penalty 1.3",
+        "--temperature 0.2", "--temperature 0.4", "--temperature 0.2 --repetition-penalty 1.1"]
+
+
+def parses(code: str) -> str | None:
+    try:
+        ast.parse(code)
+        return None
+    except SyntaxError as exc:
+        return f"{exc.msg} (line {exc.lineno})"
+
+
+def cli_header_check(model: str, headers: list[str], options: str = "") -> list[dict]:
+    """Each header completed through the command line (`codegen-lm generate`) and whether it parses."""
+    from codegen_lm.cli import main as cli
+
+    results = []
+    for header in headers:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = cli(["generate", header, "--model", model, "--completion-only", *shlex.split(options)])
+        if code != 0:
+            raise SystemExit(f"codegen-lm generate failed on {header!r}")
+        completion = out.getvalue().removesuffix("\n")
+        results.append({"header": header, "completion": completion, "error": parses(header + completion)})
+    return results
+
+
 @torch.no_grad()
 def held_out_loss(model, data: Path, seq_len: int, batch: int = 8) -> tuple[float, int]:
     val = TokenWindows(data, "val", seq_len, shuffle=False)
@@ -75,8 +115,20 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--out", type=Path, default=Path("bench/results/default_model_quality.json"))
     parser.add_argument("--show", type=int, default=3, help="print this many completions")
+    parser.add_argument("--cli-options", default="", help="extra `codegen-lm generate` options for the header check")
+    parser.add_argument("--scan", action="store_true", help="only the header check, under each of SCAN's settings")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.scan:
+        scan = {}
+        for options in SCAN:
+            seeds = [f" --seed {s}" for s in range(3)] if "--temperature" in options else [""]
+            rates = [sum(r["error"] is None for r in cli_header_check(args.model, HEADERS, options + seed))
+                     for seed in seeds]
+            scan[options or "(defaults)"] = rates
+            print(f"{options or '(defaults)':45s} parse {' / '.join(f'{r}/{len(HEADERS)}' for r in rates)}", flush=True)
+        write_json(args.out.with_name("default_model_scan.json"), {"model": args.model, "scan": scan})
+        return
     model = CodeGenForCausalLM.from_pretrained(args.model).eval()
     tok = CodeGenTokenizerFast.from_pretrained(args.model)
     result: dict[str, object] = {"model": args.model, "parameters": model.num_parameters()}
@@ -96,6 +148,12 @@ def main() -> None:
                   completions=results)
     print(f"ast.parse accepts {passed}/{len(PROMPTS)} completions ({100 * passed / len(PROMPTS):.0f}%); "
           f"{generated / seconds:.0f} tokens/s generated (50 prompts batched)")
+    headers = cli_header_check(args.model, HEADERS, args.cli_options)
+    ok = sum(r["error"] is None for r in headers)
+    for r in headers[: args.show]:
+        print(f"--- {'ok' if r['error'] is None else r['error']}\n{r['header']}{r['completion']}")
+    print(f"headers through the command line: {ok}/{len(HEADERS)} parse ({100 * ok / len(HEADERS):.0f}%)")
+    result.update(headers_ok=ok, headers=len(HEADERS), header_completions=headers)
     write_json(args.out, result)
 
 

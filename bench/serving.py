@@ -4,6 +4,8 @@ client as the load generator.
 Servers (each its own process, started and measured one after the other):
 - codegen-lm serve (continuous batching, --max-batch 16);
 - codegen-lm serve --matmul-dtype int8: the same, every product int8 x int8 (activations quantized per row);
+- codegen-lm serve --matmul-dtype bfloat16: products of prefill and batched decoding in bf16 (fast where the
+  CPU multiplies bf16 in hardware: AVX512-BF16 or AMX);
 - (a) codegen-lm serve --max-batch 1: the same server without continuous batching;
 - (b) transformers' generate behind the same web framework, one request at a time (bench/hf_server.py).
 
@@ -164,6 +166,8 @@ def main() -> None:
         "codegen-lm": lambda: Server(folder, "--max-batch", "16", "--threads", "2"),
         "codegen-lm --matmul-dtype int8": lambda: Server(folder, "--max-batch", "16", "--threads", "2",
                                                          "--matmul-dtype", "int8"),
+        "codegen-lm --matmul-dtype bfloat16": lambda: Server(folder, "--max-batch", "16", "--threads", "2",
+                                                             "--matmul-dtype", "bfloat16"),
         "codegen-lm --max-batch 1": lambda: Server(folder, "--max-batch", "1", "--threads", "2"),
         "transformers generate": lambda: start_hf(folder),
     }
@@ -213,7 +217,8 @@ def main() -> None:
     if "transformers generate" in results["load"]:
         hf = {r["clients"]: r for r in results["load"]["transformers generate"]}[top]
         results["ratios_at_most_clients"] = {"clients": top}
-        for name in [n for n in ("codegen-lm", "codegen-lm --matmul-dtype int8") if n in results["load"]]:
+        for name in [n for n in ("codegen-lm", "codegen-lm --matmul-dtype int8",
+                                                "codegen-lm --matmul-dtype bfloat16") if n in results["load"]]:
             ours = {r["clients"]: r for r in results["load"][name]}[top]
             r = results["ratios_at_most_clients"][name] = {
                 "throughput_vs_transformers": ours["throughput_tok_s"] / hf["throughput_tok_s"],

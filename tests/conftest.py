@@ -3,6 +3,7 @@ CodeGen tokenizer files laid out as on the hub."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -170,4 +171,37 @@ def real_shaped_bin(tmp_path_factory) -> Path:
     data["torch_dtype"] = "float16"
     (folder / "config.json").write_text(json.dumps(data))
     write_tokenizer_files(folder)
+    return folder
+
+
+def scripted_checkpoint(folder: Path, prompt: str, completion: str) -> Path:
+    """A checkpoint whose greedy continuation of `prompt` is exactly `completion`, then end of text: its
+    blocks are identities (zero output projections), so the logits depend on the last token alone, and
+    lm_head maps each token of the script to the next one (a bigram machine). For testing what a
+    command does with a known model output. The script's tokens after the prompt's last must be distinct."""
+    from codegen_lm import CodeGenConfig, CodeGenForCausalLM, CodeGenTokenizerFast
+
+    write_tokenizer_files(folder)
+    tok = CodeGenTokenizerFast.from_pretrained(folder)
+    ids = tok.encode(prompt + completion)
+    prompt_ids = tok.encode(prompt)
+    assert ids[: len(prompt_ids)] == prompt_ids, "the completion must not merge with the prompt's last token"
+    chain = [prompt_ids[-1], *ids[len(prompt_ids):], tok.eos_token_id]
+    assert len(set(chain[:-1])) == len(chain) - 1, "the script repeats a token"
+    config = CodeGenConfig(vocab_size=len(tok), n_embd=64, n_layer=1, n_head=4, rotary_dim=8, n_positions=256,
+                           n_ctx=256)
+    torch.manual_seed(0)
+    model = CodeGenForCausalLM.from_config(config)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.out_proj.weight.zero_()
+            block.mlp.fc_out.weight.zero_()
+            block.mlp.fc_out.bias.zero_()
+        model.transformer.ln_f.weight.fill_(1.0)
+        model.transformer.ln_f.bias.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        for token, following in itertools.pairwise(chain):
+            model.lm_head.weight[following] += 10 * model.transformer.ln_f(model.transformer.wte.weight[token])
+    model.save_pretrained(folder)
     return folder

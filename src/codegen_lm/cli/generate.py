@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..block_end import BlockEnd
 from ..config import MAX_POSITIONS
 from ..generation import DEFAULT_MAX_NEW_TOKENS
 from ..tokenizer import DEFAULT_TRUNCATE_PATTERNS, truncate_before_pattern
@@ -46,6 +47,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="end the completion before TEXT (repeatable; \\n and \\t are understood)")
     p.add_argument("--truncate", action="store_true",
                    help="cut completions where CodeGen's samplers do (next top-level def/print, comment, ...)")
+    p.add_argument("--raw", action="store_true",
+                   help="do not end the completion where the block the prompt started ends (the default: at the "
+                        "first line back at the prompt's indentation); run to --max-new-tokens, a --stop or the "
+                        "end of text")
     p.add_argument("--seed", type=number(int), default=None, help="make sampling repeatable")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--completion-only", action="store_true", help="do not print the prompt before the completion")
@@ -85,10 +90,13 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"the prompt cannot be tokenized: {one_line(exc)}") from None
     if len(ids) >= context:
         raise CliError(f"the prompt is {len(ids)} tokens; the model's context is {context} positions")
+    block = None if args.raw else BlockEnd(prompt)
+    criteria = () if block is None else (_block_criterion(block, tokenizer, len(ids)),)
     try:
         params = GenerationParams(n=args.num_samples, max_new_tokens=args.max_new_tokens,
                                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                  repetition_penalty=args.repetition_penalty, stop=tuple(stops), seed=args.seed)
+                                  repetition_penalty=args.repetition_penalty, stop=tuple(stops), seed=args.seed,
+                                  stopping_criteria=criteria)
     except ValueError as exc:
         raise CliError(str(exc)) from None
     head = "" if args.completion_only else prompt
@@ -102,13 +110,19 @@ def run(args: argparse.Namespace) -> int:
     handle = engine.submit(ids, params)
     if args.stream:
         sys.stdout.write(head)
+        text, shown = "", ""
         for event in handle.stream():
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            text += event.text
+            ready = text if block is None else block.certain(text)
+            if len(ready) > len(shown) and ready.startswith(shown):
+                sys.stdout.write(ready[len(shown):])
+                sys.stdout.flush()
+                shown = ready
+        sys.stdout.write(_cut(block, text)[len(shown):] + "\n")
     else:
         for i, out in enumerate(handle.result().outputs):
-            text = truncate_before_pattern(out.text, DEFAULT_TRUNCATE_PATTERNS) if args.truncate else out.text
+            text = _cut(block, out.text)
+            text = truncate_before_pattern(text, DEFAULT_TRUNCATE_PATTERNS) if args.truncate else text
             if args.num_samples > 1:
                 print(f"===== sample {i + 1} =====")
             print(head + text)
@@ -117,6 +131,23 @@ def run(args: argparse.Namespace) -> int:
         print(f"codegen-lm: speculative decoding accepted {stats.accepted}/{stats.proposed} guesses "
               f"({stats.acceptance_rate:.0%}), {stats.tokens_per_pass:.2f} tokens per target pass", file=sys.stderr)
     return 0
+
+
+def _block_criterion(block: BlockEnd, tokenizer, prompt_tokens: int):
+    """A stopping criterion ending each sample once its text has left the block the prompt started."""
+    import torch
+
+    def ended(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        texts = (tokenizer.decode(row[prompt_tokens:].tolist(), skip_special_tokens=True) for row in input_ids)
+        return torch.tensor([block.cut(text) is not None for text in texts])
+
+    return ended
+
+
+def _cut(block: BlockEnd | None, text: str) -> str:
+    """`text` up to the block's end (all of it with --raw, or when the block is still open)."""
+    at = None if block is None else block.cut(text)
+    return text if at is None else text[:at]
 
 
 def _context(name: str) -> int:

@@ -92,8 +92,18 @@ def prepare(
     batch_files: int = 256,
     progress: bool = True,
     force: bool = False,
+    drop_tests: bool = False,
+    drop_generated: bool = False,
+    near_duplicates: float | None = None,
+    sources: Sequence[dict[str, Any]] = (),
 ) -> PrepareReport:
-    """Tokenize `files` into shards under `out` (see the module doc); only new content is tokenized."""
+    """Tokenize `files` into shards under `out` (see the module doc); only new content is tokenized.
+
+    drop_tests / drop_generated leave out test code and machine-generated files (training/filters.py);
+    near_duplicates (a Jaccard threshold) leaves out files that nearly repeat an earlier one. Each
+    left-out file is recorded in the manifest with its reason. Filters judge new files only: tokens
+    already in shards stay (rebuild with force to filter everything again). `sources` (what the files came from:
+    packages with their versions and licences) are recorded in the manifest's "sources"."""
     if not 0.0 <= holdout < 1.0:
         raise ValueError(f"holdout must be in [0, 1), got {holdout}")
     out = Path(out)
@@ -119,11 +129,23 @@ def prepare(
                     "dtype": dtype, "holdout": holdout, "files": {}, "skipped": {}, "shards": [], "totals": {}}
         tok.save_pretrained(out / TOKENIZER_DIR)
 
+    from .filters import NearDuplicates, generated_reason, is_test_file
+
+    near = NearDuplicates(near_duplicates) if near_duplicates is not None else None
+    for source in sources:
+        recorded = manifest.setdefault("sources", [])
+        if source not in recorded:
+            recorded.append(dict(source))
     report = PrepareReport()
     known = {entry["sha256"] for entry in manifest["files"].values() if "sha256" in entry}
     current = {f.name for f in files}
     report.missing = sum(1 for name in manifest["files"] if name not in current)
     todo: list[tuple[SourceFile, str, str]] = []  # (file, text, hash)
+
+    def skip(name: str, reason: str) -> None:
+        report.skipped[name] = reason
+        manifest["skipped"][name] = reason
+
     from tqdm import tqdm
 
     for file in tqdm(files, desc="reading", unit="file", disable=not progress, leave=False):
@@ -132,6 +154,11 @@ def prepare(
         digest = sha256_bytes(data)
         if entry is not None and entry.get("sha256") == digest:
             report.already_known += 1
+            if near is not None:  # new files are compared with it too
+                near.seen(file.name, read_text(file.path) or "")
+            continue
+        if drop_tests and is_test_file(file.name):
+            skip(file.name, "test code")
             continue
         if digest in known:
             report.duplicates += 1
@@ -139,8 +166,14 @@ def prepare(
             continue
         text = read_text(file.path)
         if text is None:
-            report.skipped[file.name] = "not UTF-8"
-            manifest["skipped"][file.name] = "not UTF-8"
+            skip(file.name, "not UTF-8")
+            continue
+        reason = generated_reason(text) if drop_generated else None
+        if reason is None and near is not None:
+            twin = near.seen(file.name, text)
+            reason = None if twin is None else f"near-duplicate of {twin}"
+        if reason is not None:
+            skip(file.name, reason)
             continue
         known.add(digest)
         todo.append((file, text, digest))
