@@ -45,11 +45,14 @@ def test_block_end_cuts_where_the_block_ends(prompt, completion, kept):
     assert at is not None and completion[:at] == kept
     ast.parse(prompt + kept)  # what is kept is the whole block
     # no shorter completion is cut earlier, and while open the certain part only grows
-    shown = ""
+    shown, over = "", False
     for end in range(len(completion) + 1):
         part = completion[:end]
         earlier = block.cut(part)
         assert earlier is None or part[:earlier] == kept
+        if end and not over:  # the stopping criterion's check fires with the first text that ends the block
+            assert block.ended(part, part[-1:]) is (earlier is not None), part
+            over = earlier is not None
         certain = block.certain(part)
         assert certain.startswith(shown) and kept.startswith(certain), (part, certain)
         shown = certain

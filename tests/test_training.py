@@ -365,3 +365,31 @@ def test_released_shape_by_name_gets_the_datas_eos():
         build_model(TrainConfig(data="unused", model="Salesforce/codegen-350M-mono", seq_len=4096), 700, 0)
     with pytest.raises(ValueError, match=r"vocabulary \(51200\) is smaller than the data's tokenizer \(60000"):
         build_model(TrainConfig(data="unused", model="Salesforce/codegen-350M-mono"), 60000, 0)
+
+
+def test_default_model_recipe_runs_end_to_end_on_a_tiny_configuration(tmp_path):
+    """scripts/train_default_model.sh as documented, shrunk: a tiny model for a few steps, with an
+    extra package as data (iniconfig, MIT, a few kB from PyPI, installed for the data only into the
+    run's site folder) and the data filters, exported elsewhere."""
+    repo = Path(__file__).resolve().parents[1]
+    config = tmp_path / "tiny.toml"
+    config.write_text('[model]\nn_embd = 32\nn_layer = 1\nn_head = 2\nrotary_dim = 8\nn_positions = 128\n'
+                      '[batch]\nseq_len = 64\nbatch_size = 2\nmax_steps = 3\n'
+                      '[optimizer]\nwarmup_steps = 1\n'
+                      '[execution]\ncompile = false\nprecision = "fp32"\nthreads = 2\n'
+                      '[bookkeeping]\nlog_every = 1\neval_every = 3\neval_batches = 1\nsave_every = 3\n')
+    work, export = tmp_path / "work", tmp_path / "export"
+    env = {**os.environ, "CONFIG": str(config), "EXPORT": str(export), "PACKAGES": "iniconfig",
+           "FILTERS": "--drop-tests --drop-generated --near-duplicates 0.9",
+           "TRAIN_ARGS": "--no-progress"}
+    out = subprocess.run(["bash", str(repo / "scripts" / "train_default_model.sh"), str(work)], env=env,
+                         capture_output=True, text=True, timeout=900, cwd=repo)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "package iniconfig" in out.stdout and "licence MIT" in out.stdout
+    manifest = read_manifest(work / "data")
+    assert [s["package"] for s in manifest["sources"]] == ["iniconfig"]
+    assert any(name.startswith("iniconfig/") for name in manifest["files"])
+    assert any(reason == "test code" for reason in manifest["skipped"].values())
+    quality = json.loads((work / "quality.json").read_text())
+    assert quality["prompts"] == 50 and quality["headers"] == 50 and math.isfinite(quality["held_out_loss"])
+    assert CodeGenForCausalLM.from_pretrained(export).config.n_embd == 32

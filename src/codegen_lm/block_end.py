@@ -27,6 +27,7 @@ from .evaluation.humaneval import HUMANEVAL_STOP
 
 _SKIPPED = (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING)
 _TOP_LEVEL_WORDS = tuple(s.lstrip("\n") for s in HUMANEVAL_STOP)
+_LONGEST_WORD = max(map(len, _TOP_LEVEL_WORDS))
 _TOP_LEVEL_STOP = re.compile("|".join(re.escape(s.lstrip("\n")) for s in HUMANEVAL_STOP))
 
 
@@ -63,6 +64,15 @@ class BlockEnd:
                 line_start = starts[row - 1] - len(self.prompt)
                 return len(completion[: max(line_start, 0)].rstrip())
         return None
+
+    def ended(self, completion: str, last: str) -> bool:
+        """Whether the block is over now that `completion` ends with the newly generated `last`: the
+        check of a stopping criterion, called after every token. A block only ends where a line's
+        first characters arrive, so the text is tokenized only then."""
+        content = (self.prompt + completion).rpartition("\n")[2].lstrip()
+        if not 0 < len(content) <= max(len(last), _LONGEST_WORD):
+            return False
+        return self.cut(completion) is not None
 
     def certain(self, completion: str) -> str:
         """The part of `completion` that stays whatever comes next: for streaming, which cannot take

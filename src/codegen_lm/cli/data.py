@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
+from pathlib import Path
 
 from .common import CliError, number
 
@@ -13,6 +14,9 @@ def add_source_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--package", action="append", default=[], metavar="NAME",
                    help="the Python source of an installed package, if its licence (read from its metadata) is "
                         "permissive (repeatable)")
+    p.add_argument("--site", action="append", default=[], metavar="DIR",
+                   help="look for --package distributions in DIR first (e.g. a `pip install --no-deps --target "
+                        "DIR` folder of packages wanted as data only; repeatable)")
     p.add_argument("--ext", action="append", default=None, metavar="EXT",
                    help="file extensions to take (repeatable; default .py)")
     p.add_argument("--include", action="append", default=[], metavar="GLOB",
@@ -27,7 +31,10 @@ def packages(args: argparse.Namespace) -> list:
     from ..training.packages import LicenceError, package_source
 
     try:
-        return [package_source(name) for name in dict.fromkeys(args.package)]
+        for folder in args.site:
+            if not Path(folder).is_dir():
+                raise CliError(f"--site {folder}: no such folder")
+        return [package_source(name, args.site) for name in dict.fromkeys(args.package)]
     except LicenceError as exc:
         raise CliError(str(exc)) from None
 

@@ -137,9 +137,11 @@ def _block_criterion(block: BlockEnd, tokenizer, prompt_tokens: int):
     """A stopping criterion ending each sample once its text has left the block the prompt started."""
     import torch
 
+    def row_ended(ids: list[int]) -> bool:
+        return block.ended(tokenizer.decode(ids, skip_special_tokens=True), tokenizer.decode(ids[-1:]))
+
     def ended(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        texts = (tokenizer.decode(row[prompt_tokens:].tolist(), skip_special_tokens=True) for row in input_ids)
-        return torch.tensor([block.cut(text) is not None for text in texts])
+        return torch.tensor([row_ended(row[prompt_tokens:].tolist()) for row in input_ids])
 
     return ended
 

@@ -11,7 +11,10 @@ go into the data manifest.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -138,12 +141,15 @@ def licence_of(dist: metadata.Distribution) -> tuple[str, str]:
                        "a License classifier)")
 
 
-def package_source(name: str) -> PackageSource:
-    """The installed distribution `name` as training data, or a LicenceError saying why it cannot be."""
-    try:
-        dist = metadata.distribution(name)
-    except metadata.PackageNotFoundError:
-        raise LicenceError(f"package {name}: not installed here (pip install it first)") from None
+def package_source(name: str, paths: Sequence[str | os.PathLike] = ()) -> PackageSource:
+    """The installed distribution `name` as training data, or a LicenceError saying why it cannot be.
+    `paths`: folders searched before the running Python's own (a `pip install --target` folder holds
+    packages for the data without installing them into the environment)."""
+    found = next(iter(metadata.distributions(name=name, path=[*map(str, paths), *sys.path])), None)
+    if found is None:
+        where = f" in {', '.join(map(str, paths))} or" if paths else ""
+        raise LicenceError(f"package {name}: not installed{where} here (pip install it first)")
+    dist = found
     licence, source = licence_of(dist)
     try:
         permissive = spdx_permissive(licence)
