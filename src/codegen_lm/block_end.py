@@ -28,7 +28,7 @@ from .evaluation.humaneval import HUMANEVAL_STOP
 _SKIPPED = (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENCODING)
 _TOP_LEVEL_WORDS = tuple(s.lstrip("\n") for s in HUMANEVAL_STOP)
 _LONGEST_WORD = max(map(len, _TOP_LEVEL_WORDS))
-_TOP_LEVEL_STOP = re.compile("|".join(re.escape(s.lstrip("\n")) for s in HUMANEVAL_STOP))
+_TOP_LEVEL_STOP = re.compile("|".join(map(re.escape, _TOP_LEVEL_WORDS)))
 
 
 class BlockEnd:
@@ -50,9 +50,7 @@ class BlockEnd:
                 if not comment:  # a comment is not a statement: `# add two numbers` opens nothing
                     statement = (row, col, opens)
                 continue
-            _, s_col, s_opens = statement
-            if s_opens is None:  # cannot happen: a line after the prompt's means that one has ended
-                return None
+            _, s_col, s_opens = statement  # ended, since a line follows it: s_opens is True or False
             if s_opens:
                 ends = col <= s_col
             elif s_col > 0:

@@ -155,7 +155,7 @@ def prepare(
         if entry is not None and entry.get("sha256") == digest:
             report.already_known += 1
             if near is not None:  # new files are compared with it too
-                near.seen(file.name, read_text(file.path) or "")
+                near.seen(file.name, data.decode("utf-8", "replace"))  # already read: no second read
             continue
         if drop_tests and is_test_file(file.name):
             skip(file.name, "test code")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -75,19 +75,18 @@ def spdx_permissive(expression: str) -> bool:
         at += 1
         return tokens[at - 1]
 
-    def alternatives() -> bool:  # a OR b OR ...
-        ok = conjunction()
-        while (peek() or "").upper() == "OR":
+    def chain(word: str, operand: Callable[[], bool], combine: Callable[[bool, bool], bool]) -> bool:
+        ok = operand()
+        while (peek() or "").upper() == word:
             take()
-            ok = conjunction() or ok
+            ok = combine(ok, operand())  # the operand is parsed either way
         return ok
 
-    def conjunction() -> bool:  # a AND b AND ...
-        ok = term()
-        while (peek() or "").upper() == "AND":
-            take()
-            ok = term() and ok
-        return ok
+    def alternatives() -> bool:  # a OR b OR ...: one permissive alternative is enough
+        return chain("OR", conjunction, lambda a, b: a or b)
+
+    def conjunction() -> bool:  # a AND b AND ...: every term must be permissive
+        return chain("AND", term, lambda a, b: a and b)
 
     def term() -> bool:
         token = take()
@@ -96,7 +95,7 @@ def spdx_permissive(expression: str) -> bool:
             if take() != ")":
                 raise ValueError(f"unbalanced parentheses in {expression!r}")
             return ok
-        if token in (")",) or token.upper() in ("AND", "OR", "WITH"):
+        if token == ")" or token.upper() in ("AND", "OR", "WITH"):
             raise ValueError(f"unexpected {token!r} in {expression!r}")
         ok = token.lower().removesuffix("+") in PERMISSIVE
         if (peek() or "").upper() == "WITH":
