@@ -438,12 +438,16 @@ def _two_caches(cfg, slots=5):
             for _ in range(2)]
 
 
+@pytest.mark.parametrize("group", [1, 4])
 @pytest.mark.parametrize("stored", ["fp32", "int8"])
-def test_one_token_block_kernel_equals_the_blocks(small_checkpoint, stored):
-    """kernels/block.py runs a whole block per call for batch-1 decoding, with fp32 or int8 weights: same
-    logits and cache contents as the model's own blocks, on every small shape (partial and full rotary,
-    an inner size that is not 4x, erf GELU which the kernel leaves to the other paths)."""
+def test_one_token_block_kernel_equals_the_blocks(small_checkpoint, stored, group, monkeypatch):
+    """kernels/block.py runs a whole block per call for batch-1 decoding, with fp32 or int8 weights and
+    either layout of its dot loops (one or four weight rows at a time): same logits and cache contents
+    as the model's own blocks, on every small shape (partial and full rotary, an inner size that is not
+    4x, erf GELU which the kernel leaves to the other paths)."""
     from codegen_lm.kernels import block
+
+    monkeypatch.setattr(runner, "row_group", lambda module: group)
 
     folder, shape = small_checkpoint
     model = CodeGenForCausalLM.from_pretrained(folder, quantize="int8" if stored == "int8" else None).eval()

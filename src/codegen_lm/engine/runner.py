@@ -32,7 +32,7 @@ from ..kernels import block as block_kernel
 from ..kernels import gelu as gelu_kernel
 from ..kernels import numba_ok, onednn, registry
 from .slot_cache import SlotCache
-from .weights import packed_weight, product
+from .weights import packed_weight, product, row_group
 
 
 @dataclass
@@ -114,9 +114,10 @@ def _one_token(model: nn.Module, cache: SlotCache, row: Row) -> torch.Tensor | N
     cache.ensure(position + 1)  # (the kernel writes where it is told: no bounds checks)
     x = tf.wte.weight[token].detach().clone()
     cos, sin = tf.rope_cos[position], tf.rope_sin[position]
+    group = row_group(tf.h[0].attn.qkv_proj)
     for layer, (block, w) in enumerate(zip(tf.h, weights)):
         x = block_kernel.block_step(w, block.ln_1.eps, block.attn.n_head, x, cos, sin, cache.keys[layer][place],
-                                    cache.values[layer][place], position)
+                                    cache.values[layer][place], position, group)
     return model.lm_head(tf.ln_f(x[None]))
 
 

@@ -180,6 +180,14 @@ def product(module: nn.Module, x: torch.Tensor, kind: str) -> torch.Tensor | Non
     return None
 
 
+def row_group(module: nn.Module) -> int:
+    """Weight rows per dot loop (1 or 4, kernels/dots.py) that the module's plan chose for one-row
+    products of its own kind: the layout the batch-1 block kernel uses. 4 where no numba row path won."""
+    plan = getattr(module, "plans", {}).get(getattr(module, "KIND", ""))
+    group = plan.path(1).group if plan is not None else None
+    return group or 4
+
+
 def plans(model: nn.Module) -> dict[str, str]:
     """kind -> the plan's description, over the model's planned modules (for logs and benchmarks)."""
     out: dict[str, str] = {}

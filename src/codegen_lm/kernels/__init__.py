@@ -7,7 +7,7 @@
 - `attention`: decode-step rotary + cache writes and attention over cache slots;
 - `draw`: the sampler's one-pass inverse-CDF draw;
 - `block`: a whole transformer block for one token as one call (batch-1 decoding);
-- `dots`: dot products with four weight rows at once, the inner loop of the numba products;
+- `dots`: dot products with one or four weight rows at once, the inner loop of the numba products;
 - `gelu`: the tanh GELU, vectorised, for prefill in bf16 and int8 x int8 modes;
 - `registry`: every product path, whether it can run on this machine, and the choice among them,
   measured per machine and cached; `cpu`: the CPU's model and features, which the choice is keyed by.

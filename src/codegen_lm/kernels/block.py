@@ -32,7 +32,7 @@ if _numba.HAVE_NUMBA:
 
     @numba.njit(parallel=True, fastmath=True, cache=True, nogil=True, error_model="numpy")
     def _block_numba(x, ln_w, ln_b, eps, w_qkv, s_qkv, w_in, s_in, b_in, w_o, s_o, w_out, s_out, b_out, cos, sin,
-                     K, V, pos, n_head, out):
+                     K, V, pos, n_head, group, out):
         E = x.shape[0]
         D = E // n_head
         half = cos.shape[0]
@@ -52,17 +52,17 @@ if _numba.HAVE_NUMBA:
 
         qkv = np.empty(n_qkv, dtype=np.float32)  # both products of h in one pass over their weights
         m = np.empty(n_in, dtype=np.float32)
-        groups_qkv = (n_qkv + 3) // 4  # output rows four at a time (dots.py)
-        for g in numba.prange(groups_qkv + (n_in + 3) // 4):
+        groups_qkv = (n_qkv + group - 1) // group  # output rows `group` (1 or 4) at a time (dots.py)
+        for g in numba.prange(groups_qkv + (n_in + group - 1) // group):
             if g < groups_qkv:
-                n = 4 * g
-                count = min(4, n_qkv - n)
+                n = group * g
+                count = min(group, n_qkv - n)
                 sums = dots4(h, w_qkv, n, count)
                 for i in range(count):
                     qkv[n + i] = sums[i] * s_qkv[n + i]
             else:
-                n = 4 * (g - groups_qkv)
-                count = min(4, n_in - n)
+                n = group * (g - groups_qkv)
+                count = min(group, n_in - n)
                 sums = dots4(h, w_in, n, count)
                 for i in range(count):
                     m[n + i] = gelu_tanh(sums[i] * s_in[n + i] + b_in[n + i])
@@ -124,9 +124,9 @@ if _numba.HAVE_NUMBA:
             for d in range(D):
                 att[hd * D + d] = acc[d] * inv
 
-        for g in numba.prange((E + 3) // 4):  # x + out_proj(att) + fc_out(m): one pass over both weights
-            n = 4 * g
-            count = min(4, E - n)
+        for g in numba.prange((E + group - 1) // group):  # x + out_proj(att) + fc_out(m): one pass over both
+            n = group * g
+            count = min(group, E - n)
             ys = dots4(att, w_o, n, count)
             zs = dots4(m, w_out, n, count)
             for i in range(count):
@@ -148,13 +148,15 @@ def can_run(weights: list[torch.Tensor], activation: str, cache_dtype: torch.dty
 
 
 def block_step(weights: list[torch.Tensor], eps: float, n_head: int, x: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, K: torch.Tensor, V: torch.Tensor, pos: int) -> torch.Tensor:
+               sin: torch.Tensor, K: torch.Tensor, V: torch.Tensor, pos: int, group: int = 4) -> torch.Tensor:
     """The block's output for one token x [n_embd] at position `pos`, whose key and value go into
     K, V [heads, capacity, head_dim] (one slot of the cache; positions before `pos` already filled).
-    weights: as for can_run; cos, sin: the rotary table rows for `pos`. Callers check can_run first."""
+    weights: as for can_run; cos, sin: the rotary table rows for `pos`; group: weight rows per dot
+    loop (1 or 4: the layout the registry measured fastest here for one row, dots.py). Callers check
+    can_run first."""
     out = torch.empty_like(x)
     set_threads()
     _block_numba(x.numpy(), *(w.detach().numpy() for w in weights[:2]), eps,
                  *(w.detach().numpy() for w in weights[2:]), cos.numpy(), sin.numpy(), K.numpy(), V.numpy(), pos,
-                 n_head, out.numpy())
+                 n_head, group, out.numpy())
     return out

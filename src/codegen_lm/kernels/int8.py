@@ -50,14 +50,15 @@ if _numba.HAVE_NUMBA:
                 out[n, k] = np.float32(w[n, k]) * s
 
 
-def numba_product(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] fp32 (rows <= SMALL_ROWS) @ (scale * w8)^T in numba, one pass over the weights."""
+def numba_product(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, group: int = 4) -> torch.Tensor:
+    """x [rows, in] fp32 (rows <= SMALL_ROWS) @ (scale * w8)^T in numba, one pass over the weights;
+    up to DIRECT_ROWS rows `group` (1 or 4) weight rows at a time (dots.py)."""
     xf = x.detach().to(torch.float32).contiguous()
     out = torch.empty(xf.shape[0], w8.shape[0], dtype=torch.float32)
     set_threads()
     args = (xf.numpy(), w8.contiguous().numpy(), scale.contiguous().numpy(), out.numpy())
     if xf.shape[0] <= DIRECT_ROWS:
-        rows_product(*args)
+        rows_product(*args, group)
     else:
         _int8_mm_rows_numba(*args, 8 * numba.get_num_threads())
     return out

@@ -22,7 +22,9 @@ falls back to the automatic choice for that kind.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import json
 import os
 import threading
@@ -46,7 +48,8 @@ BANDS = (1, 4, 16, 32, None)
 TIMED_ROWS = {1: 1, 4: 3, 16: 10, 32: 24, None: 160}
 MARGIN = 0.05  # a path listed later must be this much faster to be chosen (timings on 2 busy cores are noisy)
 MAX_TIMED_OUT = 4096  # output rows of a timed weight at most: time tracks in_features, not the weight's height
-REGISTRY_VERSION = 5  # bumped when paths change, so cached choices from older ones are not trusted
+STREAMED_ROWS = 10  # up to this many timed rows, a product is timed on weights read from memory (see measure)
+REGISTRY_VERSION = 6  # bumped when paths change, so cached choices from older ones are not trusted
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class LinearPath:
     available: Callable[[], str | None]  # None where it can run here, else the reason it cannot
     prepare: Callable[[Weights], Any]  # whatever `run` needs, made once per weight
     run: Callable[[Any, torch.Tensor], torch.Tensor]
+    group: int | None = None  # a numba row path: weight rows it takes at once (the block kernel follows it)
 
     def fits(self, rows: int) -> bool:
         return self.max_rows is None or rows <= self.max_rows
@@ -105,7 +109,9 @@ def _int8(weights: Weights) -> tuple[torch.Tensor, torch.Tensor]:
 
 PATHS: tuple[LinearPath, ...] = (
     LinearPath("numba-f32-row", "numba", "fp32", 1, _numba_available, lambda w: w.fp32,
-               lambda w, x: f32_kernels.f32_product(x, w)),
+               lambda w, x: f32_kernels.f32_product(x, w, 4), group=4),
+    LinearPath("numba-f32-row1", "numba", "fp32", 1, _numba_available, lambda w: w.fp32,
+               lambda w, x: f32_kernels.f32_product(x, w, 1), group=1),
     LinearPath("onednn-f32-packed", "onednn", "fp32", None, _onednn_available,
                lambda w: onednn.pack_weight(w.fp32), lambda p, x: onednn.packed_linear(x, p, None)),
     LinearPath("torch-f32", "torch", "fp32", None, _always, lambda w: w.fp32, lambda w, x: F.linear(x, w)),
@@ -113,7 +119,9 @@ PATHS: tuple[LinearPath, ...] = (
                lambda w: onednn.pack_weight(w.fp32, torch.bfloat16), _bf16_packed_product),
     LinearPath("torch-bf16", "torch", "bf16", None, _always, lambda w: w.fp32.to(torch.bfloat16), _bf16_product),
     LinearPath("numba-int8", "numba", "int8", int8_kernels.SMALL_ROWS, _numba_available, _int8,
-               lambda w, x: int8_kernels.numba_product(x, *w)),
+               lambda w, x: int8_kernels.numba_product(x, *w, 4), group=4),
+    LinearPath("numba-int8-row1", "numba", "int8", 1, _numba_available, _int8,
+               lambda w, x: int8_kernels.numba_product(x, *w, 1), group=1),
     LinearPath("numba-int8-dequant", "numba", "int8", None, _numba_available, _int8,
                lambda w, x: int8_kernels.numba_dequant_product(x, *w)),
     LinearPath("torch-int8-dequant", "torch", "int8", None, _always, _int8,
@@ -242,20 +250,60 @@ def _timing_weights(kind: str, shape: tuple[int, int], generator: torch.Generato
     return Weights(w8=torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale=scale)
 
 
+def _weight_bytes(w: Weights) -> int:
+    return sum(t.numel() * t.element_size() for t in (w.fp32, w.w8) if t is not None)
+
+
+def _copy(w: Weights) -> Weights:
+    return Weights(*(None if t is None else t.clone() for t in (w.fp32, w.w8, w.scale)))
+
+
+def _cycling(run: Callable[[Any, torch.Tensor], torch.Tensor], states: list, x: torch.Tensor) -> Callable[[], object]:
+    """A product by the next of `states` (a weight's prepared copies) at each call."""
+    ring = itertools.cycle(states)
+    return lambda: run(next(ring), x)
+
+
+@functools.lru_cache(maxsize=1)
+def stream_bytes() -> int:
+    """Bytes of distinct weights a timing of few rows cycles through: twice the last-level cache, at
+    least 64 MB. A model's decoding step reads each weight from memory, but one 16 MB weight timed
+    again and again sits in a 32 MB cache, and the path fastest from the cache is not always the one
+    fastest from memory (on an AMD EPYC with AVX-512, oneDNN's packed product won from the cache and
+    lost by 1.3x from memory)."""
+    largest = 0
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (index / "level").read_text().strip() == "3":
+                text = (index / "size").read_text().strip().upper()
+                factor = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+                largest = max(largest, int(text.rstrip("KM")) * factor)
+        except (OSError, ValueError):
+            continue
+    return max(2 * largest, 64 << 20)
+
+
 def measure(kind: str, shapes: Sequence[tuple[int, int]], family: str = "auto",
             exclude: frozenset[str] = frozenset()) -> tuple[Plan, dict]:
     """Time every usable path of `kind` on `shapes` ([out, in] of the model's products) at each band's
-    row count; returns the plan of the fastest and the times (ms, summed over the shapes)."""
+    row count; returns the plan of the fastest and the times (ms, summed over the shapes). Up to
+    STREAMED_ROWS rows, each run takes the next of enough copies of the weight to overflow the cache."""
     candidates = paths(kind, family, exclude)
     generator = torch.Generator().manual_seed(0)
     distinct = list(dict.fromkeys(tuple(s) for s in shapes))
     weights = [_timing_weights(kind, s, generator) for s in distinct]
     times: dict[str, dict[str, float]] = {}
     choices = []
+    copies: list[list[Weights]] = []  # per shape: the weight and its copies, made when first needed
     with torch.inference_mode():
         prepared: dict[str, list] = {}
+        streamed: dict[str, list[list]] = {}
         for band in BANDS:
             rows = TIMED_ROWS[band]
+            stream = rows <= STREAMED_ROWS
+            if stream and not copies:
+                copies = [[w] + [_copy(w) for _ in range(max(0, -(-stream_bytes() // _weight_bytes(w)) - 1))]
+                          for w in weights]
             # a forced family without a path for this many rows: the other families' paths
             fitting = ([p for p in candidates if p.fits(rows)]
                        or [p for p in paths(kind, "auto", exclude) if p.fits(rows)])
@@ -264,9 +312,12 @@ def measure(kind: str, shapes: Sequence[tuple[int, int]], family: str = "auto",
                 try:
                     if path.name not in prepared:
                         prepared[path.name] = [path.prepare(w) for w in weights]
+                    if stream and path.name not in streamed:
+                        streamed[path.name] = [[first] + [path.prepare(c) for c in shape_copies[1:]]
+                                               for first, shape_copies in zip(prepared[path.name], copies)]
                     xs = [torch.randn(rows, in_features, generator=generator) for _, in_features in distinct]
-                    elapsed = sum(_time(lambda run=path.run, p=p, x=x: run(p, x))
-                                  for p, x in zip(prepared[path.name], xs))
+                    states = streamed[path.name] if stream else [[p] for p in prepared[path.name]]
+                    elapsed = sum(_time(_cycling(path.run, group, x)) for group, x in zip(states, xs))
                 except Exception:  # a path that fails here is simply not chosen
                     continue
                 times.setdefault(str(band), {})[path.name] = round(elapsed * 1e3, 4)
@@ -275,6 +326,9 @@ def measure(kind: str, shapes: Sequence[tuple[int, int]], family: str = "auto",
             if best is None:
                 raise RuntimeError(f"no {kind} product path ran on this machine")
             choices.append((band, best.name))
+            if not stream:
+                streamed.clear()  # (bands only grow: the copies are not needed again)
+                copies = [[w] for w in weights]
     return Plan(kind, tuple(choices), "measured"), times
 
 
