@@ -228,17 +228,29 @@ def _valid(entry: object, kind: str, exclude: frozenset[str]) -> Plan | None:
     return Plan(kind, choices, "cached")
 
 
-def _time(fn: Callable[[], object], least: int = 3, most: int = 30, span: float = 0.004) -> float:
-    """The fastest of `least` to `most` runs (until `span` seconds have passed): on a shared machine
-    the other runs measure the neighbours, not the kernel."""
-    fn()  # warm-up: first-call costs (numba's compile cache, oneDNN primitive creation) are not timed
-    times: list[float] = []
+def _time_together(runs: dict[str, list[Callable[[], object]]], least: int = 3, most: int = 30,
+                   span: float = 0.004) -> dict[str, float]:
+    """For each path, the fastest of its runs, a run being one product on every shape. The paths take
+    turns, round after round (each round in another order), for `least` to `most` rounds or until
+    `span` seconds per path and shape have passed: a shared machine's speed drifts over a measurement,
+    and timing one path after the other would charge the drift to whichever came last."""
+    names = list(runs)
+    for name in names:  # warm-up: first-call costs (numba's compile cache, oneDNN primitives) not timed
+        for fn in runs[name]:
+            fn()
+    best = dict.fromkeys(names, float("inf"))
+    budget = span * len(names) * max(len(fns) for fns in runs.values())
     begin = time.perf_counter()
-    while len(times) < least or (len(times) < most and time.perf_counter() - begin < span):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    rounds = 0
+    while rounds < least or (rounds < most and time.perf_counter() - begin < budget):
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            for fn in runs[name]:
+                fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+        rounds += 1
+    return best
 
 
 def _timing_weights(kind: str, shape: tuple[int, int], generator: torch.Generator) -> Weights:
@@ -307,7 +319,7 @@ def measure(kind: str, shapes: Sequence[tuple[int, int]], family: str = "auto",
             # a forced family without a path for this many rows: the other families' paths
             fitting = ([p for p in candidates if p.fits(rows)]
                        or [p for p in paths(kind, "auto", exclude) if p.fits(rows)])
-            best, best_time = None, float("inf")
+            runs: dict[str, list[Callable[[], object]]] = {}
             for path in fitting:
                 try:
                     if path.name not in prepared:
@@ -317,12 +329,16 @@ def measure(kind: str, shapes: Sequence[tuple[int, int]], family: str = "auto",
                                                for first, shape_copies in zip(prepared[path.name], copies)]
                     xs = [torch.randn(rows, in_features, generator=generator) for _, in_features in distinct]
                     states = streamed[path.name] if stream else [[p] for p in prepared[path.name]]
-                    elapsed = sum(_time(_cycling(path.run, group, x)) for group, x in zip(states, xs))
-                except Exception:  # a path that fails here is simply not chosen
-                    continue
-                times.setdefault(str(band), {})[path.name] = round(elapsed * 1e3, 4)
+                    runs[path.name] = [_cycling(path.run, group, x) for group, x in zip(states, xs)]
+                    for fn in runs[path.name]:
+                        fn()  # a path that fails here is simply not timed, nor chosen
+                except Exception:
+                    runs.pop(path.name, None)
+            best, best_time = None, float("inf")
+            for name, elapsed in _time_together(runs).items():  # (in registration order)
+                times.setdefault(str(band), {})[name] = round(elapsed * 1e3, 4)
                 if best is None or elapsed < best_time * (1 - MARGIN):
-                    best, best_time = path, elapsed
+                    best, best_time = BY_NAME[name], elapsed
             if best is None:
                 raise RuntimeError(f"no {kind} product path ran on this machine")
             choices.append((band, best.name))
