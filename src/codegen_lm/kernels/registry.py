@@ -234,10 +234,9 @@ def _time_together(runs: dict[str, list[Callable[[], object]]], least: int = 3, 
     turns, round after round (each round in another order), for `least` to `most` rounds or until
     `span` seconds per path and shape have passed: a shared machine's speed drifts over a measurement,
     and timing one path after the other would charge the drift to whichever came last."""
-    names = list(runs)
-    for name in names:  # warm-up: first-call costs (numba's compile cache, oneDNN primitives) not timed
-        for fn in runs[name]:
-            fn()
+    names = list(runs)  # (the caller has run each once: first-call costs are not timed)
+    if not names:
+        return {}
     best = dict.fromkeys(names, float("inf"))
     budget = span * len(names) * max(len(fns) for fns in runs.values())
     begin = time.perf_counter()
@@ -331,7 +330,7 @@ def measure(kind: str, shapes: Sequence[tuple[int, int]], family: str = "auto",
                     states = streamed[path.name] if stream else [[p] for p in prepared[path.name]]
                     runs[path.name] = [_cycling(path.run, group, x) for group, x in zip(states, xs)]
                     for fn in runs[path.name]:
-                        fn()  # a path that fails here is simply not timed, nor chosen
+                        fn()  # warm-up (numba's compile cache, oneDNN primitives); a path that fails is not chosen
                 except Exception:
                     runs.pop(path.name, None)
             best, best_time = None, float("inf")
